@@ -1,0 +1,3 @@
+from shards.cli import entry_point
+
+entry_point()

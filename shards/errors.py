@@ -1,0 +1,32 @@
+"""User-facing errors shared by every command-line tool of the project.
+
+A :class:`UserError` is a mistake in what the user gave (a wrong path, an unknown layout, an
+impossible setting, corrupt shards). Command-line entry points catch it and print its message on
+one line, without a traceback, and exit with status 2 (DESIGN.md section 8). Anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """An error caused by the user's input; its message says what was expected and where."""
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run ``main(argv)``, turning :class:`UserError` and Ctrl-C into a one-line message.
+
+    Returns the process exit status: ``main``'s own (0 when it returns None), 2 for a user error,
+    130 after Ctrl-C.
+    """
+    try:
+        return main(argv) or 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
