@@ -48,8 +48,10 @@ from shards.writer import EncodedSample, WrittenShard, write_shard
 
 STATE_DIR = ".build"
 DEFAULT_SHARD_SIZE = 1000
-#: Records per task in the check pass: large enough to amortize inter-process overhead.
+#: Records per task in the check and encode passes: large enough to amortize inter-process
+#: overhead, small enough to balance the load between workers.
 CHECK_CHUNK = 256
+ENCODE_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,7 @@ def _checked(records: list[Record], base: Path, state: Path, workers: int, progr
     tasks = [(base, sources[i : i + CHECK_CHUNK]) for i in range(0, len(sources), CHECK_CHUNK)]
     checks: list[ImageCheck] = []
     with tqdm(total=len(records), unit="img", desc="check", disable=not progress, smoothing=0.1) as bar:
-        for result in _map(_check_chunk, tasks, workers, ordered=True):
+        for result in _map(_check_chunk, tasks, workers):
             checks.extend(result)
             bar.update(len(result))
     _write_json(cache, [[c.reason, c.convert] for c in checks])
@@ -289,16 +291,20 @@ def _encoded(sample: PlannedSample, layout: str, base: Path) -> EncodedSample:
     )
 
 
-def _write_one(task: tuple[PlannedShard, str, Path, Path]) -> tuple[str, WrittenShard]:
-    shard, layout, base, out = task
-    written = write_shard(out, shard.stem, (_encoded(s, layout, base) for s in shard.samples))
-    return shard.stem, written
+def _encode_chunk(task: tuple[tuple[PlannedSample, ...], str, Path]) -> list[EncodedSample]:
+    samples, layout, base = task
+    return [_encoded(sample, layout, base) for sample in samples]
 
 
 def _write_pending(
     plan: list[PlannedShard], layout: str, base: Path, out: Path, workers: int, progress: bool, say: Callable[[str], None]
 ) -> dict[str, WrittenShard]:
-    """Pass 2: write every shard not finished by an earlier, interrupted run of the same build."""
+    """Pass 2: write every shard not finished by an earlier, interrupted run of the same build.
+
+    Workers read and encode chunks of samples (the costly part); this process writes the tars
+    one after the other from the chunks, in plan order. Parallelism so does not depend on the
+    number of shards, and a shard is finished (and recorded) before the next one starts.
+    """
     done_dir = out / STATE_DIR / "done"
     written: dict[str, WrittenShard] = {}
     pending = []
@@ -312,24 +318,31 @@ def _write_pending(
         pending.append(shard)
     if written:
         say(f"resuming: {len(written)} of {len(plan)} shards were written by an earlier run")
-    total = sum(len(s.samples) for s in pending)
-    with tqdm(total=total, unit="img", desc="write", disable=not progress, smoothing=0.1) as bar:
-        sizes = {s.stem: len(s.samples) for s in pending}
-        for stem, shard_written in _map(_write_one, [(s, layout, base, out) for s in pending], workers, ordered=False):
-            _write_json(done_dir / f"{stem}.json", asdict(shard_written))
-            written[stem] = shard_written
-            bar.update(sizes[stem])
+    chunks = [[shard.samples[i : i + ENCODE_CHUNK] for i in range(0, len(shard.samples), ENCODE_CHUNK)] for shard in pending]
+    encoded = _map(_encode_chunk, [(chunk, layout, base) for shard_chunks in chunks for chunk in shard_chunks],
+                   workers)
+    with tqdm(total=sum(len(s.samples) for s in pending), unit="img", desc="write", disable=not progress,
+              smoothing=0.1) as bar:
+
+        def shard_samples(count: int) -> Iterator[EncodedSample]:
+            for _ in range(count):
+                samples = next(encoded)
+                yield from samples
+                bar.update(len(samples))
+
+        for shard, shard_chunks in zip(pending, chunks):
+            written[shard.stem] = write_shard(out, shard.stem, shard_samples(len(shard_chunks)))
+            _write_json(done_dir / f"{shard.stem}.json", asdict(written[shard.stem]))
     return written
 
 
-def _map(function, tasks: list, workers: int, ordered: bool) -> Iterator:
-    """``function`` over ``tasks``, in worker processes when that can help."""
+def _map(function, tasks: list, workers: int) -> Iterator:
+    """``function`` over ``tasks``, results in task order, in worker processes when that can help."""
     if workers <= 1 or len(tasks) <= 1:
         yield from map(function, tasks)
         return
     with get_context("fork").Pool(min(workers, len(tasks))) as pool:
-        results = pool.imap(function, tasks) if ordered else pool.imap_unordered(function, tasks)
-        yield from results
+        yield from pool.imap(function, tasks)
 
 
 def _counts(records: list[Record]) -> Counts:
