@@ -187,8 +187,12 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> Manifest | Non
     state_file = out / STATE_DIR / "state.json"
     if (out / MANIFEST_NAME).is_file():
         previous = load_manifest(out)
-        if previous.fingerprint == fingerprint and not state_file.exists():
-            return previous
+        if previous.fingerprint == fingerprint:
+            if _intact(out, previous):
+                shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+                return previous
+            _clear_shard_folder(out)  # same build, damaged files: build it again
+            return None
         what = "shards of other inputs or settings"
     elif state_file.is_file():
         if json.loads(state_file.read_text()).get("fingerprint") == fingerprint:
@@ -202,6 +206,15 @@ def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> Manifest | Non
         raise UserError(f"--out {out} holds {what}; pass --overwrite to replace them, or choose another folder")
     _clear_shard_folder(out)
     return None
+
+
+def _intact(out: Path, manifest: Manifest) -> bool:
+    """Every listed tar and index present, tars at their listed size (a cheap check; `verify`
+    is the thorough one)."""
+    return all(
+        (out / s.index).is_file() and (out / s.file).is_file() and (out / s.file).stat().st_size == s.bytes
+        for s in manifest.shards
+    )
 
 
 def _clear_shard_folder(out: Path) -> None:

@@ -191,6 +191,9 @@ def test_rerun_is_up_to_date_and_other_inputs_are_refused(tmp_path):
     again = build("sysu-mm01", dataset.root, tmp_path / "out", workers=1)
     assert again.fingerprint == first.fingerprint
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == mtimes
+    (tmp_path / "out" / first.shards[0].file).unlink()  # a damaged folder is rebuilt, not trusted
+    repaired = build("sysu-mm01", dataset.root, tmp_path / "out", workers=1)
+    assert repaired.shards == first.shards and verify(tmp_path / "out") == []
     with pytest.raises(UserError, match="--overwrite"):
         build("sysu-mm01", dataset.root, tmp_path / "out", seed=1, workers=1)
     build("sysu-mm01", dataset.root, tmp_path / "out", seed=1, workers=1, overwrite=True)
@@ -262,3 +265,21 @@ def test_verify_names_flipped_and_truncated_shards(tmp_path):
     assert set(problems) == {flipped.file, truncated.file}
     assert "sha256" in problems[flipped.file]
     assert "truncated" in problems[truncated.file]
+
+
+def test_writer_output_equals_tarfiles(tmp_path):
+    """The hand-written USTAR headers against Python's tarfile writing the same members."""
+    from shards.writer import EncodedSample, write_shard
+
+    samples = [EncodedSample(f"train_{i:08d}", bytes(j % 251 for j in range(700 * i % 1500)), b'{"a":1}', bytes(16))
+               for i in range(5)]
+    written = write_shard(tmp_path, "x", samples)
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for ext, data in sample.members():
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+                tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "x.tar").read_bytes() == reference.getvalue()
+    assert written.bytes == len(reference.getvalue()) and written.samples == 5
