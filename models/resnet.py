@@ -1,0 +1,220 @@
+"""ResNet-50 for ReID: last stride 1, one-stream and two-stream (RGB / IR stems) variants.
+
+The architecture is torchvision's ResNet-50 "v1.5" (bottleneck blocks 3-4-6-3, the stride on the
+3x3 conv), with the fully connected head removed and the stride of ``layer4`` configurable
+(``last_stride=1`` is the ReID convention: 288x144 inputs give an 18x9 map instead of 9x5).
+
+Parameter names follow torchvision exactly so that exported weights load without a renaming
+table: ``layer1.0.conv1.weight``, ``layer1.0.downsample.0.weight``, ``layer4.2.bn3.running_var``...
+
+- :class:`ResNet` (one-stream) keeps the stem at the top level as torchvision does:
+  ``conv1.weight``, ``bn1.weight``, ``bn1.running_mean``... Its state dict is torchvision's
+  ResNet-50 state dict without ``fc.*``.
+- :class:`TwoStreamResNet` (the AGW cross-modal layout used by MMGL) has one stem per modality
+  under ``stems``: ``stems.rgb.conv1.weight``, ``stems.rgb.bn1.*``, ``stems.ir.conv1.weight``,
+  ``stems.ir.bn1.*``, then the shared ``layer1`` .. ``layer4`` with torchvision's names.
+
+Both return the ``layer4`` feature map ``(B, 2048, H/16, W/16)`` (with ``last_stride=1``); pooling
+and heads belong to the method. Both work with ``channels_last`` inputs and weights: nothing
+here calls ``.view`` on an activation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from shards.format import MODALITY_CODE
+
+RESNET50_BLOCKS = (3, 4, 6, 3)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (carries the stride, torchvision v1.5) -> 1x1 with 4x expansion, plus shortcut.
+
+    ``(B, in_channels, H, W) -> (B, 4 * width, H / stride, W / stride)``.
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1) -> None:
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        # torchvision leaves ``downsample`` None (no state-dict keys) when the shapes already match.
+        self.downsample: nn.Sequential | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+def _stem_layers(width: int) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]:
+    """conv1 7x7/2, bn1, relu, maxpool 3x3/2: ``(B, 3, H, W) -> (B, width, H/4, W/4)``."""
+    return (
+        nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    )
+
+
+class Stem(nn.Module):
+    """One modality's stem in the two-stream model, with torchvision's stem names (conv1, bn1)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = _stem_layers(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W) -> (B, width, H/4, W/4)``."""
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+class _ResNetBase(nn.Module):
+    """The stem(s), built by the subclass's :meth:`_build_stem` first (so that modules and state
+    dict keys come in torchvision's order), then the shared ``layer1`` .. ``layer4``.
+
+    Args:
+        blocks: bottleneck blocks per layer, ``(3, 4, 6, 3)`` for ResNet-50.
+        base_width: stem channels and layer1's bottleneck width (64 for ResNet-50); the tiny test
+            models shrink it, keeping the same code path.
+        last_stride: stride of ``layer4`` (1 for ReID, 2 for torchvision's classifier).
+        zero_init_residual: start the last BN of every bottleneck at gamma 0 (see
+            :meth:`_init_weights`; off by default).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[int] = RESNET50_BLOCKS,
+        base_width: int = 64,
+        last_stride: int = 1,
+        zero_init_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(blocks) != 4 or min(blocks) < 1:
+            raise ValueError(f"blocks must be four positive counts, got {tuple(blocks)}")
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+        self.base_width = base_width
+        self.last_stride = last_stride
+        self._build_stem(base_width)
+        in_channels = base_width
+        strides = (1, 2, 2, last_stride)
+        for i, (count, stride) in enumerate(zip(blocks, strides)):
+            width = base_width * 2**i
+            layer = [Bottleneck(in_channels, width, stride)]
+            layer += [Bottleneck(width * Bottleneck.expansion, width) for _ in range(count - 1)]
+            # ``layer1`` .. ``layer4`` are torchvision's names, kept for key compatibility.
+            self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
+            in_channels = width * Bottleneck.expansion
+        self.num_features = in_channels
+        self._init_weights(zero_init_residual)
+
+    def _build_stem(self, width: int) -> None:
+        raise NotImplementedError
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        """Kaiming normal (fan_out, ReLU) for convs, BN weight 1 / bias 0, as torchvision.
+
+        With ``zero_init_residual`` the last BN of every bottleneck starts at gamma 0, so each
+        block starts as the identity (Goyal et al., 2017), which helps large-batch training from
+        scratch. The default is off, like torchvision's ``resnet50()``, which is what the AGW
+        code builds its backbone from.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, Bottleneck):
+                    nn.init.zeros_(module.bn3.weight)
+
+    def forward_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, base_width, H/4, W/4) -> (B, num_features, H/16, W/16)`` with last stride 1
+        (``H/32, W/32`` with last stride 2)."""
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+
+class ResNet(_ResNetBase):
+    """One-stream ResNet: one stem shared by all modalities. State dict = torchvision's minus fc.
+
+    ``forward(images)``: ``(B, 3, H, W)`` float -> feature map ``(B, num_features, H/16, W/16)``.
+    """
+
+    def _build_stem(self, width: int) -> None:
+        self.conv1, self.bn1, self.relu, self.maxpool = _stem_layers(width)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        return self.forward_layers(x)
+
+
+class TwoStreamResNet(_ResNetBase):
+    """Two-stream ResNet (AGW layout): an RGB stem and an IR stem, shared ``layer1`` .. ``layer4``.
+
+    ``forward(images, modality)``: images ``(B, 3, H, W)`` float, modality ``(B,)`` int64 with
+    :data:`shards.format.MODALITY_CODE` (0 rgb, 1 ir) -> ``(B, num_features, H/16, W/16)`` in the
+    input's order. Each stem runs once on its own subset of the batch, so its BatchNorm only sees
+    (and its running statistics only track) images of its modality. A stem whose modality is
+    absent from the batch is skipped and gets no gradient: under DDP such batches need
+    ``find_unused_parameters`` (MMGL's pair batches always carry both modalities).
+
+    Routing uses ``nonzero``, which waits for the device and has a data-dependent output shape
+    (a graph break under ``torch.compile``).
+    """
+
+    def _build_stem(self, width: int) -> None:
+        self.stems = nn.ModuleDict({name: Stem(width) for name in MODALITY_CODE})
+
+    def forward(self, images: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        if modality.shape != images.shape[:1]:
+            raise ValueError(f"modality must have shape ({images.shape[0]},), got {tuple(modality.shape)}")
+        subsets = {name: torch.nonzero(modality == code).squeeze(1) for name, code in MODALITY_CODE.items()}
+        if sum(idx.numel() for idx in subsets.values()) != images.shape[0]:
+            raise ValueError(f"modality values must be in {sorted(MODALITY_CODE.values())}")
+        # An absent modality's stem is skipped: BatchNorm cannot normalize an empty batch.
+        present = [(name, idx) for name, idx in subsets.items() if idx.numel()]
+        features = torch.cat([self.stems[name](images[idx]) for name, idx in present])
+        order = torch.cat([idx for _, idx in present])
+        # ``features`` is grouped by modality; gathering with the inverse of ``order`` puts every
+        # row back at its input position. Tensor indexing keeps channels_last (index_select does not).
+        return self.forward_layers(features[torch.argsort(order)])
+
+
+def resnet50(last_stride: int = 1, zero_init_residual: bool = False) -> ResNet:
+    """One-stream ResNet-50 without fc: 23,508,032 parameters."""
+    return ResNet(RESNET50_BLOCKS, 64, last_stride, zero_init_residual)
+
+
+def resnet50_two_stream(last_stride: int = 1, zero_init_residual: bool = False) -> TwoStreamResNet:
+    """Two-stream ResNet-50 (RGB and IR stems, shared layers): 23,517,568 parameters."""
+    return TwoStreamResNet(RESNET50_BLOCKS, 64, last_stride, zero_init_residual)
+
+
+def resnet_tiny_test(two_stream: bool = False, last_stride: int = 1) -> ResNet | TwoStreamResNet:
+    """The same architecture at width 8 with one block per layer (num_features 256), for tests."""
+    cls = TwoStreamResNet if two_stream else ResNet
+    return cls((1, 1, 1, 1), 8, last_stride)

@@ -1,0 +1,153 @@
+"""Sources: shards of one split -> :class:`pipelines.batch.Batch` on the training device.
+
+* :class:`~pipelines.sources.dali.DaliSource` -- DALI reader + decode (GPU ``mixed`` or CPU);
+* :class:`~pipelines.sources.wds.WdsSource` -- webdataset + PIL in DataLoader workers;
+* :class:`~pipelines.sources.cache.CacheSource` -- the split decoded once on the device, indexed
+  by a :mod:`pipelines.samplers` sampler.
+
+:func:`make_source` picks one; the epoch plan, the epoch-length rule and the ``state_dict``
+semantics shared by all are in :mod:`pipelines.sources.base`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from pipelines.samplers import SAMPLERS, CrossModalSampler, IdentitySampler, PairSampler, RandomSampler, Sampler
+from pipelines.sources.base import Source, open_split, resolve_rank
+from pipelines.sources.cache import CachedSplit, CacheSource, cache_bytes, default_budget
+from pipelines.sources.dali import DaliSource, dali_available
+from pipelines.sources.wds import WdsSource
+from shards.errors import UserError
+
+SOURCES = ("auto", "dali", "wds", "cache")
+CACHE_FILL_BATCH = 128
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu")
+
+
+def _sampler_for(name: str | Callable[[CachedSplit], Sampler], cached: CachedSplit, *, batch_size: int, instances: int,
+                 drop_last: bool, seed: int, rank: int, world: int) -> Sampler:
+    if callable(name):
+        return name(cached)
+    common = dict(seed=seed, rank=rank, world=world)
+    if name == "random":
+        return RandomSampler(len(cached), batch_size, drop_last=drop_last, **common)
+    if name == "identity":
+        return IdentitySampler(cached.pid, batch_size, instances, **common)
+    if name == "cross_modal":
+        return CrossModalSampler(cached.pid, cached.modality, batch_size, instances, **common)
+    if name == "pairs":
+        return PairSampler(cached.modality, batch_size, **common)
+    raise UserError(f"unknown sampler {name!r}; expected one of: {', '.join(SAMPLERS)}")
+
+
+def make_source(
+    shards: str | os.PathLike,
+    split: str,
+    *,
+    batch_size: int,
+    size: tuple[int, int],
+    device: str | torch.device | None = None,
+    source: str = "auto",
+    shuffle: bool = True,
+    seed: int = 0,
+    rank: int | None = None,
+    world: int | None = None,
+    drop_last: bool = True,
+    sampler: str | Callable[[CachedSplit], Sampler] = "random",
+    instances: int = 4,
+    budget_bytes: int | None = None,
+    num_workers: int | None = None,
+    shuffle_buffer: int = 1024,
+    prefetch: int = 2,
+) -> Source:
+    """The source for ``split`` of the shard folder ``shards``.
+
+    source:   ``auto`` takes the device cache when the split fits ``budget_bytes`` (default
+              :func:`pipelines.sources.cache.default_budget`) or when ``sampler`` is not
+              ``random`` (identity samplers need the cache), else DALI when installed, else the
+              webdataset fallback; ``dali`` / ``wds`` / ``cache`` force one.
+    size:     ``(H, W)`` of the yielded images.
+    sampler:  for the cache: ``random``, ``identity`` (P x K, ``batch_size = P * instances``),
+              ``cross_modal`` (P x (K RGB + K IR), ``batch_size = 2 * P * instances``), ``pairs``
+              (MMGL, ``batch_size`` slots, batches of ``2 * batch_size`` images), or a callable
+              ``CachedSplit -> Sampler``.
+    rank, world: default from torch.distributed or ``RANK`` / ``WORLD_SIZE``.
+    num_workers: webdataset DataLoader workers / DALI threads (default: all cores).
+    """
+    if source not in SOURCES:
+        raise UserError(f"unknown source {source!r}; expected one of: {', '.join(SOURCES)}")
+    if len(tuple(size)) != 2 or min(size) < 1:
+        raise UserError(f"image size must be (height, width) with positive values, got {size}")
+    size = (int(size[0]), int(size[1]))
+    rank, world = resolve_rank(rank, world)
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device} was asked for but CUDA is not available")
+    if not callable(sampler) and sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
+    checked = open_split(shards, split, tolerate_damaged=True)
+    need = cache_bytes(checked.total, size)
+    budget = default_budget(device) if budget_bytes is None else int(budget_bytes)
+    needs_cache = sampler != "random"
+    if source == "auto":
+        if need <= budget:
+            source = "cache"
+        elif needs_cache:
+            raise UserError(
+                f"the {sampler if isinstance(sampler, str) else 'given'} sampler needs the device cache, but split "
+                f"{split!r} takes {need / 2**30:.2f} GiB decoded at {size[0]}x{size[1]}, over the budget of "
+                f"{budget / 2**30:.2f} GiB; raise the budget or use the random sampler"
+            )
+        else:
+            source = "dali" if dali_available() and not checked.damaged else "wds"
+    elif needs_cache and source != "cache":
+        raise UserError(f"sampler {sampler!r} works with the device cache only (--source cache or auto), not {source}")
+    workers = num_workers if num_workers is not None else None
+    common = dict(batch_size=batch_size, size=size, device=device, shuffle=shuffle, seed=seed,
+                  shuffle_buffer=shuffle_buffer, prefetch=prefetch)
+    if source == "dali":
+        return DaliSource(checked, rank=rank, world=world, drop_last=drop_last, num_threads=workers, **common)
+    if source == "wds":
+        return WdsSource(checked, rank=rank, world=world, drop_last=drop_last,
+                         num_workers=workers if workers is not None else min(8, os.cpu_count() or 1), **common)
+    # cache
+    if need > budget:
+        raise UserError(
+            f"split {split!r} takes {need / 2**30:.2f} GiB decoded at {size[0]}x{size[1]} "
+            f"({checked.total} images), over the cache budget of {budget / 2**30:.2f} GiB on {device}; "
+            "raise budget_bytes, lower the image size, or use --source dali / wds"
+        )
+    fill = dict(common, batch_size=CACHE_FILL_BATCH, shuffle=False)
+    if dali_available() and not checked.damaged:
+        stream: Source = DaliSource(checked, rank=0, world=1, drop_last=False, num_threads=workers, **fill)
+    else:
+        stream = WdsSource(checked, rank=0, world=1, drop_last=False,
+                           num_workers=workers if workers is not None else os.cpu_count() or 1, **fill)
+    cached = CachedSplit.fill(stream, checked.total, size, device)
+    chosen = _sampler_for(sampler, cached, batch_size=batch_size, instances=instances, drop_last=drop_last,
+                          seed=seed, rank=rank, world=world)
+    return CacheSource(checked, cached, chosen, device=device, skipped=stream.skipped,
+                       skipped_shards=stream.skipped_shards)
+
+
+__all__ = [
+    "CacheSource",
+    "CachedSplit",
+    "DaliSource",
+    "SOURCES",
+    "Source",
+    "WdsSource",
+    "dali_available",
+    "make_source",
+    "open_split",
+]

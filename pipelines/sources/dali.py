@@ -1,0 +1,214 @@
+"""NVIDIA DALI source: ``fn.readers.webdataset`` over a split's shards, decode and resize on the
+GPU (``mixed``) when CUDA is there, on the CPU (``device_id=None``) otherwise.
+
+One DALI pipeline per epoch
+---------------------------
+Each epoch builds a fresh pipeline whose reader gets the split's tar files in that epoch's
+shard order (:func:`pipelines.sources.base.shard_order`), ``shard_id=rank``,
+``num_shards=world``, ``stick_to_shard=True`` (a rank never reads another rank's part) and, with
+``shuffle``, ``random_shuffle=True`` with a buffer of ``shuffle_buffer`` samples seeded from
+``(seed, epoch, rank)``. The reader's first ``n_rank`` samples are then exactly the rank's part,
+in a shuffled order (checked by the tests), and the source stops after
+``batches_per_epoch`` batches (the rule in :mod:`pipelines.sources.base`). Building a pipeline
+with index files takes milliseconds, and it makes the stream a pure function of
+``(seed, epoch, rank, world, batch)``: that is what resuming relies on. A resumed epoch rebuilds
+its pipeline and runs (decodes) the consumed batches again without yielding them -- at most one
+epoch of decode, seconds for a ReID training set on a GPU. (DALI's own checkpointing would avoid
+that, but it has to be kept in lockstep with the prefetch queue; replaying is simpler and exact.)
+
+Damaged shards
+--------------
+A tar shorter than the manifest says would make DALI read past the end of a memory-mapped file,
+so every tar's size is checked against the manifest before a pipeline is built
+(:func:`pipelines.sources.base.open_split`): a mismatch is a :class:`UserError` naming the
+shard. Damage that keeps the size (flipped bytes) surfaces as a DALI error while decoding; the
+source then hashes the split's shards, names those whose sha256 differs from the manifest (or,
+when all match, repeats DALI's message) and suggests ``python -m shards verify DIR``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+
+from pipelines.batch import Batch
+from pipelines.sources.base import (
+    VERIFY_HINT,
+    Source,
+    SplitShards,
+    batches_per_epoch,
+    default_workers,
+    labels_to_batch,
+    rank_range,
+    seed_of,
+    shard_order,
+)
+from shards.errors import UserError
+
+#: Hash the shards to name the damaged ones only below this many bytes (larger: name them all).
+DIAGNOSE_HASH_LIMIT = 64 << 30
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising something else
+        return False
+    return True
+
+
+class DaliSource(Source):
+    """Batches of a split decoded by DALI.
+
+    size:            ``(H, W)`` every image is resized to (bilinear, antialiased when shrinking)
+    device:          ``cuda[:i]`` decodes with nvJPEG (``mixed``) and resizes on that GPU;
+                     ``cpu`` decodes with DALI's CPU decoder on ``num_threads`` threads
+    shuffle:         shard order per epoch + a ``shuffle_buffer``-sample shuffle buffer
+    prefetch:        DALI ``prefetch_queue_depth`` (batches prepared ahead)
+    drop_last:       the epoch-length rule of :mod:`pipelines.sources.base`
+    """
+
+    backend = "dali"
+
+    def __init__(
+        self,
+        split: SplitShards,
+        *,
+        batch_size: int,
+        size: tuple[int, int],
+        device: str | torch.device = "cpu",
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        drop_last: bool = True,
+        shuffle_buffer: int = 1024,
+        prefetch: int = 2,
+        num_threads: int | None = None,
+    ):
+        if not dali_available():
+            raise UserError("the DALI source needs nvidia-dali (pip install nvidia-dali-cuda120); use --source wds")
+        super().__init__(batch_size=batch_size, seed=seed, rank=rank, world=world, drop_last=drop_last, device=device)
+        if split.damaged:
+            raise UserError(
+                "damaged shards: "
+                + ", ".join(str(s.path) for s in split.damaged)
+                + f" differ in size from the manifest; {VERIFY_HINT.format(folder=split.folder)}"
+            )
+        self.split = split
+        self.size = (int(size[0]), int(size[1]))
+        self.shuffle = shuffle
+        self.shuffle_buffer = max(1, int(shuffle_buffer))
+        self.prefetch = max(1, int(prefetch))
+        self.num_threads = num_threads or default_workers()
+        self.total = split.total
+        lo, hi = rank_range(self.total, rank, world)
+        self.rank_samples = hi - lo
+        self._len = batches_per_epoch(self.total, rank, world, self.batch_size, drop_last)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {self.device} was asked for but CUDA is not available")
+
+    def __len__(self) -> int:
+        return self._len
+
+    # -- the pipeline -------------------------------------------------------------------------
+    def _pipeline(self, epoch: int):
+        from nvidia.dali import Pipeline, fn, types
+
+        order = shard_order(len(self.split.shards), self.seed, epoch, self.shuffle)
+        shards = [self.split.shards[i] for i in order]
+        gpu = self.device.type == "cuda"
+        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
+        pipe = Pipeline(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=device_id,
+            seed=seed_of(self.seed, epoch, self.rank, 1),
+            prefetch_queue_depth=self.prefetch,
+        )
+        with pipe:
+            jpegs, labels = fn.readers.webdataset(
+                paths=[str(s.path) for s in shards],
+                index_paths=[str(s.index) for s in shards],
+                ext=["jpg", "lbl"],
+                dtypes=[types.UINT8, types.INT32],
+                missing_component_behavior="error",
+                random_shuffle=self.shuffle,
+                initial_fill=min(self.shuffle_buffer, max(1, self.rank_samples)),
+                seed=seed_of(self.seed, epoch, self.rank, 2),
+                shard_id=self.rank,
+                num_shards=self.world,
+                stick_to_shard=True,
+                prefetch_queue_depth=self.prefetch,
+                name="reader",
+            )
+            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            h, w = self.size
+            images = fn.resize(images, resize_y=h, resize_x=w, interp_type=types.INTERP_LINEAR, antialias=True)
+            images = fn.transpose(images, perm=[2, 0, 1])
+            pipe.set_outputs(images, labels)
+        pipe.build()
+        return pipe
+
+    def _to_batch(self, images, labels, take: int) -> Batch:
+        lab = torch.from_dlpack(labels.as_tensor())[:take]
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            out = torch.empty((self.batch_size, 3, *self.size), dtype=torch.uint8, device=self.device)
+            feed_ndarray(images.as_tensor(), out, cuda_stream=torch.cuda.current_stream(self.device))
+            return labels_to_batch(out[:take], lab.clone(), self.device)
+        # The default (dynamic) executor never reuses a buffer it has handed out: zero copy.
+        imgs = torch.from_dlpack(images.as_tensor())
+        return labels_to_batch(imgs[:take], lab, self.device)
+
+    def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
+        try:
+            pipe = self._pipeline(epoch)
+        except RuntimeError as err:
+            raise self._diagnose(err) from None
+        try:
+            for i in range(self._len):
+                try:
+                    images, labels = pipe.run()
+                except RuntimeError as err:
+                    raise self._diagnose(err) from None
+                if i < skip:
+                    continue
+                take = self.batch_size
+                if not self.drop_last and i == self._len - 1:
+                    take = self.rank_samples - i * self.batch_size
+                yield self._to_batch(images, labels, take)
+        finally:
+            del pipe
+
+    def _diagnose(self, err: Exception) -> UserError:
+        """A UserError naming the shard(s) that differ from the manifest, for a DALI failure."""
+        folder = self.split.folder
+        hint = VERIFY_HINT.format(folder=folder)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        bad = []
+        for s in self.split.shards:
+            if not s.path.is_file() or s.path.stat().st_size != s.bytes:
+                bad.append(s)
+        if not bad and sum(s.bytes for s in self.split.shards) <= DIAGNOSE_HASH_LIMIT:
+            for s in self.split.shards:
+                digest = hashlib.sha256()
+                with open(s.path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        digest.update(block)
+                if digest.hexdigest() != s.sha256:
+                    bad.append(s)
+        if bad:
+            names = ", ".join(str(s.path) for s in bad)
+            return UserError(f"DALI could not read split {self.split.split!r}: damaged shard(s) {names} "
+                             f"(contents differ from the manifest); {hint}")
+        return UserError(
+            f"DALI failed reading split {self.split.split!r} of {folder} ({first_line}); every shard "
+            f"matches its manifest checksum, so an image inside may be undecodable; {hint}"
+        )
+
+
+__all__ = ["DaliSource", "dali_available"]
