@@ -1,0 +1,1 @@
+"""Losses, one per file, each with its tensor shapes in the docstring."""
