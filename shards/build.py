@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -99,6 +100,18 @@ def build(
         raise UserError(f"found no images in {root} for the {layout} layout")
     fingerprint = _fingerprint(layout, seed, shard_size, layout_scan.base, records)
 
+    try:
+        return _build_into(layout, layout_scan, records, root, out, fingerprint, seed=seed, shard_size=shard_size,
+                           workers=workers, strict=strict, overwrite=overwrite, progress=progress, say=say)
+    except OSError as err:  # disk full, permissions: the user's environment, not a bug
+        where = f" ({err.filename})" if err.filename else ""
+        raise UserError(f"could not write to {out}: {err.strerror or err}{where}; fix it and re-run the same "
+                        "command: the build resumes") from None
+
+
+def _build_into(layout: str, layout_scan: LayoutScan, records: list[Record], root: Path, out: Path, fingerprint: str,
+                *, seed: int, shard_size: int, workers: int, strict: bool, overwrite: bool, progress: bool,
+                say: Callable[[str], None]) -> Manifest:
     existing = _prepare_out(out, fingerprint, overwrite)
     if existing is not None:
         say(f"{out} is up to date with these inputs and settings: nothing to do")
@@ -354,8 +367,13 @@ def _map(function, tasks: list, workers: int) -> Iterator:
     if workers <= 1 or len(tasks) <= 1:
         yield from map(function, tasks)
         return
-    with get_context("fork").Pool(min(workers, len(tasks))) as pool:
+    with get_context("fork").Pool(min(workers, len(tasks)), initializer=_ignore_interrupts) as pool:
         yield from pool.imap(function, tasks)
+
+
+def _ignore_interrupts() -> None:
+    """Workers leave Ctrl-C to the parent, which stops the pool and reports once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _counts(records: list[Record]) -> Counts:

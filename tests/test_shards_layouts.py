@@ -105,3 +105,6 @@ def test_unknown_layout_and_missing_root(tmp_path):
         scan("market", tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         scan("market1501", tmp_path / "nope")
+    (tmp_path / "file.jpg").write_bytes(b"x")
+    with pytest.raises(UserError, match="is a file"):
+        scan("folder", tmp_path / "file.jpg")

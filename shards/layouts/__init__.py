@@ -36,6 +36,8 @@ def scan(layout: str, root: Path) -> LayoutScan:
         raise UserError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
     if not root.exists():
         raise UserError(f"dataset root {root} does not exist")
+    if layout != "manifest" and not root.is_dir():
+        raise UserError(f"dataset root {root} is a file; the {layout} layout expects a folder")
     return LAYOUTS[layout](root)
 
 

@@ -11,8 +11,6 @@ from shards.layouts.common import LayoutScan, Record, image_files, relative
 
 
 def scan_folder(root: Path) -> LayoutScan:
-    if not root.is_dir():
-        raise UserError(f"folder layout expects a folder of images, but {root} is a file")
     scan = LayoutScan(base=root)
     for path in image_files(root, recursive=True):
         scan.records.append(Record(relative(path, root), UNKNOWN, UNKNOWN, "rgb", "train"))
