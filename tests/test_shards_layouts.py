@@ -108,3 +108,14 @@ def test_unknown_layout_and_missing_root(tmp_path):
     (tmp_path / "file.jpg").write_bytes(b"x")
     with pytest.raises(UserError, match="is a file"):
         scan("folder", tmp_path / "file.jpg")
+
+
+def test_images_outside_pid_folders_are_rejected(tmp_path):
+    tiny_datasets.sysu(tmp_path)
+    tiny_datasets.write_image(tmp_path / "cam1" / "stray.jpg", 99)
+    tiny_datasets.write_image(tmp_path / "cam3" / "misc" / "0001.jpg", 98)
+    result = scan("sysu-mm01", tmp_path)
+    assert {r.source: r.reason for r in result.rejected} == {
+        "cam1/stray.jpg": "not in a cam*/<pid>/ folder",
+        "cam3/misc/0001.jpg": "not in a cam*/<pid>/ folder",
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,3 +72,15 @@ def image_files(folder: Path, recursive: bool = False) -> list[Path]:
 
 def relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
+
+
+def images_in_pid_folders(folder: Path, scan: LayoutScan, expected: str) -> Iterator[tuple[str, int]]:
+    """``(source, pid)`` of every image under ``folder`` that lies in a folder named by its pid
+    (SYSU-MM01's ``cam3/0012/``, RegDB's ``Thermal/12/``); any other image is rejected as not
+    in ``expected``."""
+    for path in image_files(folder, recursive=True):
+        source = relative(path, scan.base)
+        try:
+            yield source, int(path.parent.name)
+        except ValueError:
+            scan.rejected.append(Rejected(source, f"not in a {expected} folder"))

@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 
 from shards.errors import UserError
-from shards.layouts.common import LayoutScan, Record, image_files, relative, require_dir
-from shards.manifest import Rejected, Trial
+from shards.layouts.common import LayoutScan, Record, images_in_pid_folders, require_dir
+from shards.manifest import Trial
 
 MODALITY_FOLDERS = (("Visible", "rgb", 1), ("Thermal", "ir", 2))
 TRIAL_LIST = re.compile(r"^train_visible_(\d+)\.txt$")
@@ -58,12 +58,6 @@ def scan_regdb(root: Path) -> LayoutScan:
     folders = [(require_dir(root, name, "regdb"), modality, cam) for name, modality, cam in MODALITY_FOLDERS]
     scan = LayoutScan(base=root, trials=_scan_trials(root))
     for folder, modality, camera in folders:
-        for path in image_files(folder, recursive=True):
-            source = relative(path, root)
-            try:
-                pid = int(path.parent.name)
-            except ValueError:
-                scan.rejected.append(Rejected(source, "not in a <Modality>/<pid>/ folder"))
-                continue
+        for source, pid in images_in_pid_folders(folder, scan, "<Modality>/<pid>/"):
             scan.records.append(Record(source, pid, camera, modality, "all"))
     return scan

@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shards.errors import UserError
-from shards.layouts.common import LayoutScan, Record, image_files, relative, require_dir, require_file
-from shards.manifest import Rejected
+from shards.layouts.common import LayoutScan, Record, images_in_pid_folders, require_dir, require_file
 
 RGB_CAMERAS = (1, 2, 4, 5)
 IR_CAMERAS = (3, 6)
@@ -34,13 +33,7 @@ def scan_sysu(root: Path) -> LayoutScan:
     scan = LayoutScan(base=root)
     for cam, folder in sorted(cameras.items()):
         modality = "ir" if cam in IR_CAMERAS else "rgb"
-        for path in image_files(folder, recursive=True):
-            source = relative(path, root)
-            try:
-                pid = int(path.parent.name)
-            except ValueError:
-                scan.rejected.append(Rejected(source, "not in a cam*/<pid>/ folder"))
-                continue
+        for source, pid in images_in_pid_folders(folder, scan, "cam*/<pid>/"):
             if pid in train_ids or pid in val_ids:
                 split = "train"
             elif pid in test_ids:
