@@ -1,6 +1,23 @@
 """NVIDIA DALI source: ``fn.readers.webdataset`` over a split's shards, decode and resize on the
 GPU (``mixed``) when CUDA is there, on the CPU (``device_id=None``) otherwise.
 
+Where the CPU path resizes
+--------------------------
+On a GPU, DALI decodes (nvJPEG) and resizes (``fn.resize``) in the pipeline. On the CPU, DALI
+only reads and decodes; the resize is done by torch (uint8 bilinear, antialiased when shrinking:
+:func:`resize_into`), one image at a time, in the thread that iterates the source, while DALI's
+threads decode the next batches. Why: DALI's CPU ``fn.resize`` costs ~0.4 ms of CPU per person
+crop (to 288x144), four times its JPEG decode (~0.1 ms) and four times torch's uint8 resize
+(~0.1 ms); ``antialias=False``, ``INTERP_TRIANGULAR``, ``dtype=UINT8``, ``fn.warp_affine``, other
+thread counts and batch sizes and the legacy executor all stayed at 0.35 ms or more
+(``python -m benchmarks run --suite decode`` compares the result with the usual way and the
+decode limit). Torch's uint8 kernel also follows PIL's resampling, so the CPU path's pixels
+stay within 1 of the webdataset/PIL path's (DALI's resize differed by up to 3). While it
+resizes, torch's intra-op threads are held at one: a small resize split over a thread pool that
+DALI's threads also need was 10-20x slower on 2 cores. The resizing thread then caps the
+CPU path at roughly 1 / (torch resize time) images/s (~9,000/s on one core here), so DALI gets
+one thread fewer than the cores by default.
+
 One DALI pipeline per epoch
 ---------------------------
 Each epoch builds a fresh pipeline whose reader gets the split's tar files in that epoch's
@@ -30,8 +47,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipelines.batch import Batch
 from pipelines.sources.base import (
@@ -51,6 +71,26 @@ from shards.errors import UserError
 DIAGNOSE_HASH_LIMIT = 64 << 30
 
 
+@contextmanager
+def single_intra_op_thread():
+    """Hold torch's intra-op thread count at 1 inside the block (see the module docstring)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resize_into(out: torch.Tensor, image: np.ndarray) -> None:
+    """Resize one decoded uint8 ``(h, w, 3)`` image into ``out`` uint8 ``(3, H, W)``: bilinear,
+    antialiased when shrinking (PIL's resampling); a plain copy when the size already matches."""
+    x = torch.from_numpy(image).permute(2, 0, 1)  # a channels-last view: torch's fast uint8 path
+    if tuple(x.shape[1:]) != tuple(out.shape[1:]):
+        x = F.interpolate(x[None], size=tuple(out.shape[1:]), mode="bilinear", antialias=True, align_corners=False)[0]
+    out.copy_(x)
+
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -64,7 +104,8 @@ class DaliSource(Source):
 
     size:            ``(H, W)`` every image is resized to (bilinear, antialiased when shrinking)
     device:          ``cuda[:i]`` decodes with nvJPEG (``mixed``) and resizes on that GPU;
-                     ``cpu`` decodes with DALI's CPU decoder on ``num_threads`` threads
+                     ``cpu`` decodes with DALI's CPU decoder on ``num_threads`` threads (default:
+                     the cores but one) and resizes with torch (module docstring)
     shuffle:         shard order per epoch + a ``shuffle_buffer``-sample shuffle buffer
     prefetch:        DALI ``prefetch_queue_depth`` (batches prepared ahead)
     drop_last:       the epoch-length rule of :mod:`pipelines.sources.base`
@@ -102,7 +143,9 @@ class DaliSource(Source):
         self.shuffle = shuffle
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.prefetch = max(1, int(prefetch))
-        self.num_threads = num_threads or default_workers()
+        gpu = self.device.type == "cuda"
+        # On the CPU the iterating thread resizes: leave it a core (module docstring).
+        self.num_threads = num_threads or (default_workers() if gpu else max(1, default_workers() - 1))
         self.total = split.total
         lo, hi = rank_range(self.total, rank, world)
         self.rank_samples = hi - lo
@@ -145,9 +188,10 @@ class DaliSource(Source):
                 name="reader",
             )
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            h, w = self.size
-            images = fn.resize(images, resize_y=h, resize_x=w, interp_type=types.INTERP_LINEAR, antialias=True)
-            images = fn.transpose(images, perm=[2, 0, 1])
+            if gpu:  # on the CPU, torch resizes after the pipeline (module docstring)
+                h, w = self.size
+                images = fn.resize(images, resize_y=h, resize_x=w, interp_type=types.INTERP_LINEAR, antialias=True)
+                images = fn.transpose(images, perm=[2, 0, 1])
             pipe.set_outputs(images, labels)
         pipe.build()
         return pipe
@@ -160,9 +204,11 @@ class DaliSource(Source):
             out = torch.empty((self.batch_size, 3, *self.size), dtype=torch.uint8, device=self.device)
             feed_ndarray(images.as_tensor(), out, cuda_stream=torch.cuda.current_stream(self.device))
             return labels_to_batch(out[:take], lab.clone(), self.device)
-        # The default (dynamic) executor never reuses a buffer it has handed out: zero copy.
-        imgs = torch.from_dlpack(images.as_tensor())
-        return labels_to_batch(imgs[:take], lab, self.device)
+        out = torch.empty((take, 3, *self.size), dtype=torch.uint8)
+        with single_intra_op_thread():
+            for i in range(take):
+                resize_into(out[i], np.asarray(images[i]))
+        return labels_to_batch(out, lab, self.device)  # int32 -> int64 copies the labels
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         try:

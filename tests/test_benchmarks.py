@@ -1,0 +1,103 @@
+"""The benchmark suite in ``--quick`` mode on the CPU: well-formed results, tables, charts and a
+report rebuilt from the JSON. No timing threshold is asserted (the figures depend on the machine)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.__main__ import main
+from benchmarks.machine import machine_name
+from benchmarks.registry import SUITES
+from benchmarks.timing import side_by_side
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """One quick run of every suite into a temporary results folder."""
+    folder = tmp_path_factory.mktemp("bench-results")
+    assert main(["run", "--suite", "all", "--quick", "--results", str(folder)]) == 0
+    return folder
+
+
+def load(results: Path, suite: str) -> dict:
+    return json.loads((results / machine_name() / f"{suite}.json").read_text())
+
+
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_quick_results_are_well_formed(results, suite):
+    doc = load(results, suite)
+    assert doc["suite"] == suite and doc["title"] and doc["command"].startswith("python -m benchmarks run")
+    machine = doc["machine"]
+    assert machine["name"] == machine_name() and machine["cores"] >= 1 and machine["cpu"]
+    assert machine["versions"]["torch"] and machine["versions"]["pillow"]
+    settings = doc["settings"]
+    assert settings["quick"] is True and settings["device"] == "cpu" and settings["repeats"] == 1
+    assert len(settings["load_average_before"]) == 3 and len(settings["load_average_after"]) == 3
+    keys = [k for k, _ in doc["columns"]]
+    assert doc["primary"] in keys and doc["rows"]
+    for row in doc["rows"]:
+        assert row["name"] and row["items"] > 0
+        for key in keys + ["seconds_median"]:
+            assert row[key] > 0 and math.isfinite(row[key]), (row["key"], key)
+        assert len(row["seconds_all"]) == settings["repeats"]
+    by_key = {row["key"]: row for row in doc["rows"]}
+    assert doc["ratios"]
+    for ratio in doc["ratios"]:
+        metric = ratio["metric"]
+        assert metric in keys
+        expected = by_key[ratio["numerator"]][metric] / by_key[ratio["denominator"]][metric]
+        assert ratio["value"] == pytest.approx(expected, rel=1e-2, abs=1e-3)
+    table = (results / machine_name() / f"{suite}.md").read_text()
+    assert all(row["name"] in table for row in doc["rows"])
+    assert (results / machine_name() / f"{suite}.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_decode_compares_every_cpu_path_with_the_usual_way_and_the_limit(results):
+    doc = load(results, "decode")
+    assert {r["key"] for r in doc["rows"]} >= {"usual", "wds", "dali_cpu", "cache", "limit_decode",
+                                               "limit_decode_resize"}
+    assert {(r["numerator"], r["denominator"]) for r in doc["ratios"]} >= {("dali_cpu", "usual"),
+                                                                         ("dali_cpu", "limit_decode")}
+
+
+def test_report_rebuilds_tables_charts_and_readme_from_json(results, capsys):
+    machine = results / machine_name()
+    for suite in SUITES:
+        (machine / f"{suite}.md").unlink()
+        (machine / f"{suite}.png").unlink()
+    (results / "README.md").unlink()
+    capsys.readouterr()
+    assert main(["report", "--results", str(results)]) == 0
+    printed = capsys.readouterr().out
+    readme = (results / "README.md").read_text()
+    assert printed.strip() == readme.strip()
+    for suite in SUITES:
+        assert (machine / f"{suite}.md").is_file() and (machine / f"{suite}.png").is_file()
+        assert f"#### {suite}:" in readme and f"{machine_name()}/{suite}.png" in readme
+
+
+def test_side_by_side_times_rounds_after_warmup():
+    calls = []
+
+    def case(name):
+        def run():
+            calls.append(name)
+            return 10
+        return run
+
+    measured = side_by_side({"a": case("a"), "b": case("b")}, warmup=1, repeats=3, say=lambda _: None)
+    assert calls == ["a", "b"] * 4  # round-robin, warm-up round first
+    assert all(len(m.seconds) == 3 and m.items == [10, 10, 10] and m.items_per_s > 0 for m in measured.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    assert main(["run", "--suite", "decode", "--device", "cuda", "--quick", "--results", str(tmp_path)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
