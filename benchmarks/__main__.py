@@ -1,6 +1,6 @@
 """The throughput suite.
 
-    python -m benchmarks run [--suite decode|views|all] [--device cpu|cuda] [--quick] [--results DIR]
+    python -m benchmarks run [--suite decode|views|step|e2e|all] [--device cpu|cuda] [--quick] [--results DIR]
     python -m benchmarks report [--results DIR]
 
 ``run`` writes ``<results>/<machine>/<suite>.json`` (+ ``.md`` table, ``.png`` chart) per suite

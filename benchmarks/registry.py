@@ -1,7 +1,7 @@
 """The suites ``python -m benchmarks run`` knows, and what a suite gets when it runs.
 
-A suite is a module with ``run(ctx: RunContext) -> SuiteResult``; adding one (``step``,
-``e2e``) is one :class:`Suite` line in :data:`SUITES` and that module. Modules are imported
+A suite is a module with ``run(ctx: RunContext) -> SuiteResult``; adding one is one
+:class:`Suite` line in :data:`SUITES` and that module. Modules are imported
 when their suite runs, so the CLI starts fast and a suite's heavy imports stay its own.
 """
 
@@ -30,6 +30,8 @@ class Suite:
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("decode", "benchmarks.decode", "shards -> decoded uint8 batches: usual way, sources, the decode limit"),
     Suite("views", "benchmarks.views", "MMGL and PASS views: per-sample PIL vs batched Kornia"),
+    Suite("step", "benchmarks.step", "model step alone vs full pipeline step: ViT-S PASS, ResNet-50 MMGL"),
+    Suite("e2e", "benchmarks.e2e", "MMGL epoch and PASS stream, data vs model, projected to 100 epochs"),
 )}
 
 #: Synthetic SYSU-MM01 size: (identities, mean images per identity) in full and quick runs.

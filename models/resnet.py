@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from shards.errors import UserError
 from shards.format import MODALITY_CODE
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
@@ -218,3 +219,102 @@ def resnet_tiny_test(two_stream: bool = False, last_stride: int = 1) -> ResNet |
     """The same architecture at width 8 with one block per layer (num_features 256), for tests."""
     cls = TwoStreamResNet if two_stream else ResNet
     return cls((1, 1, 1, 1), 8, last_stride)
+
+
+# ------------------------------------------------------------------------------- key layouts
+# Exports take the native backbone state dict (``ResNet`` / ``TwoStreamResNet`` keys, no heads)
+# and rename keys only: tensors are shared, never copied or reshaped.
+
+#: Where the AGW cross-modal baseline (github mangye16/Cross-Modal-Re-ID-baseline, ``model.py``,
+#: ``embed_net``) keeps each part: every stem lives in a whole torchvision-style ResNet of which
+#: only ``conv1`` / ``bn1`` run (``visible_module.visible``, ``thermal_module.thermal``), and the
+#: shared layers in a third one of which only ``layer1`` .. ``layer4`` run (``base_resnet.base``).
+AGW_STEM_PREFIX = {"rgb": "visible_module.visible.", "ir": "thermal_module.thermal."}
+AGW_LAYERS_PREFIX = "base_resnet.base."
+_STEM_MODULES = ("conv1.", "bn1.")
+_LAYER_MODULES = ("layer1.", "layer2.", "layer3.", "layer4.")
+
+
+def is_two_stream_state(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a native backbone state dict is a :class:`TwoStreamResNet`'s (``stems.*`` keys)."""
+    return any(key.startswith("stems.") for key in state)
+
+
+def _split_native(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Native state -> (stem entries per stem name, shared layer entries), keys relative to each.
+
+    A one-stream state has one stem, named ``shared``. Any other key (a head left in, a foreign
+    state dict) is refused: an export must not silently drop or mislabel weights.
+    """
+    stems: dict[str, dict[str, torch.Tensor]] = {}
+    layers: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        if key.startswith(_LAYER_MODULES):
+            layers[key] = value
+        elif key.startswith("stems.") and key.count(".") >= 2:
+            name, rest = key[len("stems."):].split(".", 1)
+            stems.setdefault(name, {})[rest] = value
+        elif key.startswith(_STEM_MODULES):
+            stems.setdefault("shared", {})[key] = value
+        else:
+            unknown.append(key)
+    if unknown or not layers or not stems:
+        raise UserError(
+            "not a native ResNet backbone state dict (stem + layer1..layer4 keys only)"
+            + (f"; unexpected keys: {', '.join(unknown[:5])}" if unknown else "")
+        )
+    return stems, layers
+
+
+def to_torchvision_state(state: dict[str, torch.Tensor], stem: str | None = None) -> dict[str, torch.Tensor]:
+    """Native backbone state -> torchvision ResNet-50 keys (``conv1.weight``, ``bn1.*``,
+    ``layer1.0.conv1.weight`` ...; no ``fc``).
+
+    One-stream: the keys are torchvision's already. Two-stream: torchvision's ResNet has a single
+    stem, so one of the two must be picked with ``stem="rgb"`` or ``stem="ir"`` (a
+    :class:`UserError` otherwise); the result is then the network that the chosen modality's
+    images go through.
+    """
+    stems, layers = _split_native(state)
+    if "shared" in stems:
+        if stem is not None:
+            raise UserError(f"stem={stem!r} was given, but this is a one-stream model with a single shared stem")
+        chosen = stems["shared"]
+    elif stem is None:
+        raise UserError(
+            "torchvision's ResNet-50 has one stem but this two-stream model has two "
+            f"({' and '.join(sorted(stems))}): export it as 'agw' (the two-stream AGW layout), or as "
+            "'torchvision_rgb' to keep the RGB stem (the network RGB images went through)"
+        )
+    elif stem not in stems:
+        raise UserError(f"unknown stem {stem!r}; this model has: {', '.join(sorted(stems))}")
+    else:
+        chosen = stems[stem]
+    return {**chosen, **layers}
+
+
+def to_torchvision_rgb_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`to_torchvision_state` keeping the RGB stem of a two-stream model."""
+    return to_torchvision_state(state, stem="rgb")
+
+
+def to_agw_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Native backbone state -> the AGW cross-modal network's keys (``embed_net``):
+    ``visible_module.visible.{conv1,bn1}.*`` (RGB stem), ``thermal_module.thermal.{conv1,bn1}.*``
+    (IR stem) and ``base_resnet.base.layer{1..4}.*`` (shared layers).
+
+    A one-stream model's shared stem is written to both stems: AGW then computes exactly what the
+    one-stream model computes, and fine-tuning may let the two stems drift apart.
+    ``embed_net`` also holds modules this backbone does not have (the unused ``layer*`` copies
+    inside the stem modules, ``conv1``/``bn1`` of ``base_resnet.base``, non-local blocks,
+    BNNeck, classifier): load with ``strict=False``, which is what MMGL's AGW fine-tuning code does.
+    """
+    stems, layers = _split_native(state)
+    if "shared" in stems:
+        stems = {"rgb": stems["shared"], "ir": stems["shared"]}
+    if set(stems) != set(AGW_STEM_PREFIX):
+        raise UserError(f"the AGW layout needs an RGB and an IR stem, this model has: {', '.join(sorted(stems))}")
+    out = {AGW_STEM_PREFIX[name] + key: value for name, entries in stems.items() for key, value in entries.items()}
+    out.update({AGW_LAYERS_PREFIX + key: value for key, value in layers.items()})
+    return out

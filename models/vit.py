@@ -271,3 +271,36 @@ def vit_tiny_test(
 ) -> VisionTransformer:
     """A tiny ViT for tests: dim 48, 3 heads, patch 16, the same code path."""
     return VisionTransformer(img_size, 16, 3, 48, depth, 3, num_parts=num_parts, drop_path_rate=drop_path_rate)
+
+
+# --- key conversions for other code bases (used by models.export) ---------------------------------
+#: Extra keys of :func:`to_timm_state_dict`: the [PART] tokens and their position embeddings,
+#: which timm / TransReID models do not have (``load_state_dict(..., strict=False)`` skips them).
+TIMM_EXTRA_KEYS = ("part_tokens", "part_pos_embed")
+
+
+def to_timm_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A :class:`VisionTransformer` ``state_dict`` in the key layout of timm's
+    ``VisionTransformer`` and of TransReID's ViT.
+
+    Same names for ``patch_embed.proj.*``, ``cls_token``, ``blocks.N.*`` and ``norm.*``;
+    ``pos_embed`` ``(1, 1 + N, D)`` is ``cat([cls_pos_embed, patch_pos_embed], dim=1)`` (CLS row
+    first, then the patch grid row-major). Kept as extra keys: ``part_tokens`` ``(1, K, D)`` and
+    ``part_pos_embed`` ``(1, K, D)`` (:data:`TIMM_EXTRA_KEYS`).
+    """
+    out = {k: v for k, v in state.items() if k not in ("cls_pos_embed", "patch_pos_embed")}
+    out["pos_embed"] = torch.cat([state["cls_pos_embed"], state["patch_pos_embed"]], dim=1)
+    return out
+
+
+def to_pass_reid_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A :class:`VisionTransformer` ``state_dict`` in the key layout of PASS-reID's fine-tuning
+    ViT (``PASS_transreid``): ``cls_token``, ``part_token{k}`` ``(1, 1, D)``, ``cls_pos``,
+    ``part{k}_pos`` ``(1, 1, D)`` for k = 1..K, ``pos_embed`` = the patch position embeddings
+    only ``(1, N, D)``; ``patch_embed.proj.*``, ``blocks.N.*``, ``norm.*`` unchanged."""
+    renamed = {"cls_pos_embed": "cls_pos", "patch_pos_embed": "pos_embed"}
+    out = {renamed.get(k, k): v for k, v in state.items() if k not in ("part_tokens", "part_pos_embed")}
+    for k in range(state["part_tokens"].shape[1]):
+        out[f"part_token{k + 1}"] = state["part_tokens"][:, k : k + 1].clone()
+        out[f"part{k + 1}_pos"] = state["part_pos_embed"][:, k : k + 1].clone()
+    return out

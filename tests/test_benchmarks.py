@@ -67,6 +67,49 @@ def test_decode_compares_every_cpu_path_with_the_usual_way_and_the_limit(results
                                                                          ("dali_cpu", "limit_decode")}
 
 
+def test_step_times_model_alone_and_full_pipeline_of_both_methods(results):
+    doc = load(results, "step")
+    rows = {row["key"]: row for row in doc["rows"]}
+    for method in ("pass", "mmgl"):
+        settings = doc["settings"][method]
+        assert settings["flops_per_step"] > 0 and settings["images_per_step"] > 0
+        assert settings["variants"][0] == "fp32" and "bf16" in settings["variants"]
+        assert {f"{method}_fp32_alone", f"{method}_fp32_full", f"{method}_{settings['variants'][-1]}_full"} <= set(rows)
+        assert any(r["numerator"] == f"{method}_fp32_full" and r["denominator"] == f"{method}_fp32_alone"
+                   for r in doc["ratios"])
+    assert {"cl", "bf16_cl"} <= set(doc["settings"]["mmgl"]["variants"])  # channels-last: convolutions only
+    assert doc["settings"]["pass"]["compile_skipped"] == doc["settings"]["mmgl"]["compile_skipped"] == "quick run"
+    for row in doc["rows"]:
+        seconds_per_step = row["seconds_median"] / row["steps_per_run"]
+        assert row["images_per_s"] == pytest.approx(row["items"] / row["seconds_median"], rel=1e-2, abs=0.06)
+        assert row["model_tflop_per_s"] == pytest.approx(row["flops_per_step"] / seconds_per_step / 1e12, rel=1e-2)
+        assert row["pipeline"] in ("alone", "full") and "mfu_percent" not in row  # no MFU without a GPU
+
+
+def test_e2e_splits_the_step_into_data_path_and_model_and_projects_the_schedule(results):
+    from benchmarks.e2e import EPOCHS, LUPERSON_IMAGES
+
+    doc = load(results, "e2e")
+    rows = {row["key"]: row for row in doc["rows"]}
+    assert set(rows) == {f"{m}_{part}" for m in ("mmgl", "pass") for part in ("data", "model", "step")}
+    for method in ("mmgl", "pass"):
+        data, model, step = rows[f"{method}_data"], rows[f"{method}_model"], rows[f"{method}_step"]
+        # the whole step's wall time holds both timed parts (one timed run in quick mode)
+        assert step["seconds_median"] >= data["seconds_median"] + model["seconds_median"] - 1e-3
+        assert data["items"] == model["items"] == step["items"]
+    mmgl, batch = doc["settings"]["mmgl"], doc["settings"]["pass"]["batch"]
+    assert mmgl["train_images"] > 0 and mmgl["steps_per_epoch"] > 0 and mmgl["cache_fill_seconds"] > 0
+    assert doc["settings"]["pass"]["stream_images"] > 0
+    pass_step = rows["pass_step"]
+    seconds_per_step = pass_step["seconds_median"] / pass_step["steps_per_run"]
+    assert pass_step["projected_hours"] == pytest.approx(EPOCHS * LUPERSON_IMAGES / batch * seconds_per_step / 3600,
+                                                         rel=1e-2)
+    mmgl_step = rows["mmgl_step"]
+    epoch_hours = mmgl["steps_per_epoch"] * mmgl_step["seconds_median"] / mmgl_step["steps_per_run"] / 3600
+    assert mmgl_step["projected_hours"] == pytest.approx(EPOCHS * epoch_hours + mmgl["cache_fill_seconds"] / 3600,
+                                                         rel=1e-2)
+
+
 def test_report_rebuilds_tables_charts_and_readme_from_json(results, capsys):
     machine = results / machine_name()
     for suite in SUITES:

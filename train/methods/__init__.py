@@ -1,3 +1,37 @@
 """Pre-training methods, one file each. A method says how views are made, what the loss is and
 what happens after an optimizer step; the loop (:mod:`train.pretrain`) knows nothing else about it.
-The contract is :class:`train.methods.base.Method`."""
+The contract is :class:`train.methods.base.Method`.
+
+:data:`METHODS` maps each ``--method`` name to a :class:`MethodEntry`: the method class (built
+from its config), its config dataclass, its presets and the preset used when ``--preset`` is not
+given. To add a method: write ``train/methods/<name>.py`` with the ``Method`` subclass, its config
+dataclass and a ``<NAME>_PRESETS`` dict of preset functions, then add one entry below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from train.methods.base import Method
+from train.methods.mmgl import MMGL, MMGL_PRESETS, MMGLConfig
+from train.methods.pass_method import PASS, PASS_PRESETS, PASSConfig
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """How ``--method NAME`` is built: ``method(config)`` with ``config`` an instance of ``config``."""
+
+    method: Callable[[Any], Method]
+    config: type
+    presets: Mapping[str, Callable[[], Any]]
+    default_preset: str
+
+
+METHODS: dict[str, MethodEntry] = {
+    "pass": MethodEntry(PASS, PASSConfig, PASS_PRESETS, default_preset="pass_vits_lup"),
+    "mmgl": MethodEntry(MMGL, MMGLConfig, MMGL_PRESETS, default_preset="mmgl_sysu"),
+}
+
+__all__ = ["METHODS", "MethodEntry"]

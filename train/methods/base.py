@@ -7,7 +7,9 @@ and its per-step bookkeeping (EMA teacher, centers, temperature schedules). One 
     views = method.make_views(batch, generator)        # on the device, no grad, Kornia
     method.on_step_start(progress)                      # method schedules for this step
     out = model(views)                                  # model = accelerate-prepared method
-    accelerator.backward(out.loss); clip; optimizer.step()
+    accelerator.backward(out.loss)
+    method.before_optimizer_step(progress)              # e.g. drop frozen layers' gradients
+    clip; optimizer.step()
     method.after_step(progress)                         # EMA teacher, etc.
 
 A method is an ``nn.Module``: the loop hands it to ``accelerator.prepare`` (DDP wraps it on
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -59,6 +61,15 @@ class Progress:
         return self.step / max(1, self.total_steps)
 
 
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A backbone constructor: ``factory`` is ``"module:function"`` (e.g.
+    ``"models.vit:vit_small"``), called with ``kwargs`` (JSON values)."""
+
+    factory: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class StepOutput:
     """A training forward's result: the scalar loss to back-propagate, and detached scalar
@@ -90,8 +101,23 @@ class Method(nn.Module, ABC):
     def on_step_start(self, progress: Progress) -> None:
         """Set per-step method schedules (teacher temperature, frozen last layer) before forward."""
 
+    def before_optimizer_step(self, progress: Progress) -> None:
+        """Act on the gradients after backward (already averaged across processes), before
+        clipping and the optimizer step: e.g. set a frozen layer's ``.grad`` to None so the
+        optimizer leaves it untouched (DINO's ``cancel_gradients_last_layer``). Optional."""
+
     def after_step(self, progress: Progress) -> None:
         """Update what follows the optimizer step (EMA teacher, ...); called on every process."""
+
+    def log_values(self) -> dict[str, float]:
+        """Host-side values of the method's schedules at the current step (teacher momentum,
+        temperature) for the metrics log; read at logging steps only. Optional."""
+        return {}
+
+    def backbone_spec(self) -> Optional[BackboneSpec]:
+        """How to rebuild the exported backbone (:meth:`backbone_state_dict`) without this
+        method, stored with an export so that it can be loaded back. Optional."""
+        return None
 
     def no_weight_decay(self, name: str, parameter: nn.Parameter) -> bool:
         """Whether a trainable parameter is exempt from weight decay: biases and other 1-D

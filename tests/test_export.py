@@ -1,0 +1,104 @@
+"""Export of the teacher backbone: native round trip, the timm/TransReID and PASS-reID key
+layouts (keys and shapes written out here), and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from models.export import export, load_backbone, main as export_main
+from models.vit import Block, PatchEmbed, VisionTransformer
+from pass_tiny_data import tiny_args, tiny_shards
+from shards.errors import UserError, run_cli
+from train.checkpointing import load_model_state
+from train.pretrain import main as pretrain_main
+
+D, N, K, DEPTH = 48, 8, 3, 2  # vit_tiny_test on 64x32: a 4x2 patch grid
+BLOCK_SHAPES = {
+    "norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D), "attn.qkv.bias": (3 * D,),
+    "attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+    "mlp.fc1.weight": (4 * D, D), "mlp.fc1.bias": (4 * D,), "mlp.fc2.weight": (D, 4 * D), "mlp.fc2.bias": (D,),
+}
+COMMON_SHAPES = {
+    "patch_embed.proj.weight": (D, 3, 16, 16), "patch_embed.proj.bias": (D,), "cls_token": (1, 1, D),
+    "norm.weight": (D,), "norm.bias": (D,),
+    **{f"blocks.{i}.{k}": v for i in range(DEPTH) for k, v in BLOCK_SHAPES.items()},
+}
+TRANSREID_SHAPES = {**COMMON_SHAPES, "pos_embed": (1, 1 + N, D), "part_tokens": (1, K, D), "part_pos_embed": (1, K, D)}
+PASS_REID_SHAPES = {
+    **COMMON_SHAPES, "cls_pos": (1, 1, D), "pos_embed": (1, N, D),
+    **{f"part_token{k}": (1, 1, D) for k in (1, 2, 3)}, **{f"part{k}_pos": (1, 1, D) for k in (1, 2, 3)},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    shards = tiny_shards(tmp_path_factory)
+    folder = tmp_path_factory.mktemp("export") / "run"
+    assert pretrain_main(tiny_args(shards, folder, "--max_steps", "2")) == 0
+    return folder
+
+
+def teacher_backbone(checkpoint: Path) -> dict[str, torch.Tensor]:
+    prefix = "teacher.backbone."
+    return {k[len(prefix):]: v for k, v in load_model_state(checkpoint).items() if k.startswith(prefix)}
+
+
+def test_native_export_loads_back_equal_to_the_teacher(run, tmp_path):
+    out = export(run, "native", tmp_path / "backbone.pth")  # a run folder: its latest checkpoint
+    model = load_backbone(out)
+    assert isinstance(model, VisionTransformer) and model.img_size == (64, 32) and model.num_parts == K
+    expected = teacher_backbone(run / "checkpoints" / "step_00000002")
+    assert model.state_dict().keys() == expected.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    payload = torch.load(out, weights_only=True)
+    assert payload["source"]["method"] == "pass" and payload["source"]["step"] == 2
+
+
+def test_transreid_layout(run, tmp_path):
+    out = export(run / "checkpoints" / "step_00000002", "transreid", tmp_path / "vit.pth")
+    state = torch.load(out, weights_only=True)
+    assert {k: tuple(v.shape) for k, v in state.items()} == TRANSREID_SHAPES
+    teacher = teacher_backbone(run / "checkpoints" / "step_00000002")
+    assert torch.equal(state["pos_embed"][:, :1], teacher["cls_pos_embed"])
+    assert torch.equal(state["pos_embed"][:, 1:], teacher["patch_pos_embed"])
+    # a ViT in timm's layout (no part tokens) loads it with strict=False: only the part keys are extra
+    result = TimmLayoutViT().load_state_dict(state, strict=False)
+    assert result.missing_keys == [] and set(result.unexpected_keys) == {"part_tokens", "part_pos_embed"}
+
+
+class TimmLayoutViT(nn.Module):
+    """The parameters of timm's / TransReID's ViT for the tiny size (names and shapes only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(16, 3, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + N, D))
+        self.blocks = nn.Sequential(*(Block(D, 3, 4.0, True, 0.0, 1e-6) for _ in range(DEPTH)))
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+
+
+def test_pass_reid_layout(run, tmp_path):
+    out = export(run, "pass_reid", tmp_path / "pass.pth")
+    state = torch.load(out, weights_only=True)
+    assert {k: tuple(v.shape) for k, v in state.items()} == PASS_REID_SHAPES
+    teacher = teacher_backbone(run / "checkpoints" / "step_00000002")
+    for k in range(K):
+        assert torch.equal(state[f"part_token{k + 1}"][0, 0], teacher["part_tokens"][0, k])
+        assert torch.equal(state[f"part{k + 1}_pos"][0, 0], teacher["part_pos_embed"][0, k])
+
+
+def test_cli_and_errors(run, tmp_path, capsys):
+    assert run_cli(export_main, [str(run), "--format", "transreid", "--out", str(tmp_path / "a.pth")]) == 0
+    assert (tmp_path / "a.pth").is_file()
+    assert run_cli(export_main, [str(tmp_path / "missing"), "--out", str(tmp_path / "b.pth")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    with pytest.raises(UserError, match="unknown export format"):
+        export(run, "onnx", tmp_path / "c.pth")
+    with pytest.raises(UserError, match="not a native export"):
+        load_backbone(tmp_path / "a.pth")

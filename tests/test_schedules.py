@@ -1,0 +1,46 @@
+"""Per-step schedules against hand-computed points."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from train.schedules import cosine_schedule, scaled_learning_rate, warmup_constant_schedule
+
+
+def test_learning_rate_warmup_then_cosine_by_hand():
+    # 4 epochs x 5 steps, 1 warm-up epoch: steps 0..4 ramp from 0 towards 1.0, steps 5..19 cosine to 0.1
+    lr = cosine_schedule(1.0, 0.1, epochs=4, steps_per_epoch=5, warmup_epochs=1)
+    assert len(lr) == 20
+    assert lr[:5].tolist() == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+    assert lr[5] == pytest.approx(1.0)
+    # i steps into the 15-step cosine: 0.1 + 0.45 * (1 + cos(pi * i / 15))
+    for i in (1, 7, 14):
+        assert lr[5 + i] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * i / 15)))
+    assert lr[12] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 7 / 15)))
+    assert lr[-1] > 0.1 and lr[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_weight_decay_and_momentum_cosines_by_hand():
+    wd = cosine_schedule(0.04, 0.4, epochs=2, steps_per_epoch=4)
+    assert wd[0] == pytest.approx(0.04)
+    assert wd[4] == pytest.approx(0.22)  # half way: the mean of both ends
+    assert wd[2] == pytest.approx(0.4 - 0.36 * (1 + math.cos(math.pi / 4)) / 2 + 0.0)
+    momentum = cosine_schedule(0.996, 1.0, epochs=1, steps_per_epoch=10)
+    assert momentum[0] == pytest.approx(0.996)
+    assert momentum[5] == pytest.approx(0.998)
+    assert all(a < b for a, b in zip(momentum, momentum[1:]))
+
+
+def test_teacher_temperature_warmup_then_constant_by_hand():
+    temp = warmup_constant_schedule(0.04, 0.07, epochs=3, steps_per_epoch=2, warmup_epochs=2)
+    assert temp.tolist() == pytest.approx([0.04, 0.05, 0.06, 0.07, 0.07, 0.07])
+    assert warmup_constant_schedule(0.04, 0.04, 2, 3).tolist() == pytest.approx([0.04] * 6)
+
+
+def test_fractional_warmup_and_linear_scaling():
+    lr = cosine_schedule(2.0, 0.0, epochs=1, steps_per_epoch=8, warmup_epochs=0.5, warmup_start=1.0)
+    assert lr[:4].tolist() == pytest.approx([1.0, 1.25, 1.5, 1.75])
+    assert scaled_learning_rate(5e-4, 1024, "linear") == pytest.approx(2e-3)
+    assert scaled_learning_rate(5e-4, 1024, "none") == pytest.approx(5e-4)

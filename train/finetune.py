@@ -1,0 +1,790 @@
+"""Supervised ReID fine-tuning of a pre-trained (or randomly initialised) backbone, with periodic
+evaluation under the dataset's protocol: ``python -m train.finetune`` / ``accelerate launch -m
+train.finetune``, or :func:`run_finetune` from Python.
+
+Recipes (presets; every field can be changed with ``--key value``)
+------------------------------------------------------------------
+``agw-sysu`` / ``agw-regdb`` -- RGB-IR, the AGW cross-modal baseline (DESIGN.md section 5):
+two-stream ResNet-50 (RGB and IR stems, shared layer1-4, last stride 1) from an MMGL export or
+random init; GeM pooling (p = 3, fixed) -> BNNeck (BatchNorm1d, bias frozen at 0) -> linear
+classifier without bias (init N(0, 0.001)); loss = ID cross-entropy on the classifier logits +
+weighted-regularization triplet on the pre-BN feature (``--triplet batch_hard --margin 0.3`` is
+AGW's "base" variant); cross-modal identity sampler 8 ids x (4 RGB + 4 IR); resize 288x144, pad
+10 + random crop + flip, no random erasing; SGD Nesterov momentum 0.9, weight decay 5e-4 on every
+parameter, lr 0.1 for BNNeck + classifier and 0.01 for the backbone; per-epoch schedule x(e+1)/10
+for epochs 0-9, x1 to 19, x0.1 from 20, x0.01 from 50; 80 epochs. Test feature: the BN feature.
+AGW's non-local blocks are not used (the design's recipe has none).
+
+``transreid-market`` -- RGB, TransReID-style fine-tuning of a PASS ViT-S/16 (the PASS configs):
+feature ``cat(CLS, mean(PART_1..3))`` -> BNNeck -> classifier; ID cross-entropy (no label
+smoothing) + soft-margin batch-hard triplet on the pre-BN feature; P x K sampler 16 x 4;
+256x128, mean = std = 0.5, pad 10 + crop + flip + random erasing p 0.5; SGD momentum 0.9 (no
+Nesterov), lr 4e-4, biases 2x lr, weight decay 1e-4 (biases too); 20 warm-up epochs from 0.01 x
+lr, then cosine to 0.002 x lr, 120 epochs. Test feature: the pre-BN feature (``NECK_FEAT:
+before``). Schedules move every step (TransReID steps once per epoch).
+
+``agw-tiny`` / ``transreid-tiny`` -- the same code paths at toy size for tests and the CPU demo.
+
+Evaluation: every ``eval_every`` epochs and at the end, on the main process, with
+:func:`train.evaluate.evaluate` (SYSU-MM01: all-search, ``eval_trials`` galleries; RegDB: the
+trained trial, both directions; Market-style layouts: the market rule).
+
+Outputs (``output_dir``): ``config.json``; ``checkpoints/step_N/`` (:mod:`train.checkpointing`:
+``model.safetensors`` = :class:`ReIDModel` state dict, optimizer, random states, the source's
+position, ``trainer_state.json`` with the history, ``finetune.json`` = config + class count);
+``metrics.jsonl`` (one JSON object per logged step / epoch / evaluation); ``tensorboard/``;
+``results.json`` (final metrics). A checkpoint folder or the run folder is what
+``python -m train.evaluate --checkpoint`` takes.
+
+Initialisation (``--init``): ``random`` or a backbone file: a state dict with this project's
+module names (:mod:`models.resnet` / :mod:`models.vit`, as ``models.export --format native``
+writes), possibly nested under ``state_dict`` / ``model`` / ``backbone`` or prefixed
+``backbone.`` / ``module.``. Every backbone weight must be present: missing or unexpected keys
+are an error naming them. Only the backbone is loaded; BNNeck and classifier start fresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_tiny_test
+from models.vit import VisionTransformer, vit_base, vit_small, vit_tiny_test
+from pipelines.views.finetune import FinetuneViews
+from shards.errors import UserError, run_cli
+from shards.manifest import Manifest, load_manifest
+from train.config import from_dict, parse_value, setting_pairs
+from train.evaluate import LAYOUT_PROTOCOLS, ProtocolResult, check_protocol, evaluate, format_table
+from train.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
+from train.schedules import cosine_schedule
+
+FORMAT = "reid-finetune/1"
+DOCUMENT = "finetune.json"
+GEM_P = 3.0
+
+# --------------------------------------------------------------------------------------------
+# Configuration and presets
+# --------------------------------------------------------------------------------------------
+
+Arch = Literal["resnet50_two_stream", "resnet50", "resnet_tiny_two_stream", "resnet_tiny", "vit_small", "vit_base",
+               "vit_tiny"]
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run (module docstring for the recipes)."""
+
+    # data and model
+    shards: str = ""  #: shard folder (``python -m shards build``)
+    init: str = "random"  #: ``random`` or a backbone file (module docstring)
+    arch: Arch = "resnet50_two_stream"
+    image_size: tuple[int, int] = (288, 144)
+    normalization: Literal["imagenet", "half"] = "imagenet"
+    pad: int = 10
+    flip_p: float = 0.5
+    erase_p: float = 0.0
+    sampler: Literal["cross_modal", "identity"] = "cross_modal"
+    ids_per_batch: int = 8  #: P
+    instances: int = 4  #: K (per modality for the cross-modal sampler)
+    source: Literal["auto", "dali", "wds", "cache"] = "cache"  #: identity samplers need the cache
+    regdb_trial: int = 1  #: RegDB: which trial's training identities to train on
+    # loss
+    triplet: Literal["weighted", "batch_hard", "soft"] = "weighted"  #: soft = batch-hard, soft margin
+    margin: float = 0.3  #: batch_hard only
+    label_smoothing: float = 0.0
+    triplet_weight: float = 1.0
+    # optimizer and schedule
+    epochs: int = 80
+    steps_per_epoch: int = 0  #: 0: the sampler's epoch
+    max_steps: int = 0  #: stop after this many steps of the schedule (0: all)
+    lr: float = 0.1  #: lr of BNNeck + classifier
+    backbone_lr_factor: float = 0.1  #: backbone lr = lr * this
+    bias_lr_factor: float = 1.0
+    weight_decay: float = 5e-4
+    weight_decay_bias: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = True
+    schedule: Literal["agw_step", "cosine"] = "agw_step"
+    warmup_epochs: float = 10.0
+    milestones: tuple[int, int] = (20, 50)  #: agw_step: x0.1 from the first, x0.01 from the second
+    warmup_start: float = 0.01  #: cosine: warm-up starts at lr * this
+    min_lr_factor: float = 0.002  #: cosine: ends at lr * this
+    clip_grad: float = 0.0  #: global gradient-norm clip (0: off; neither recipe clips)
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    # evaluation
+    protocol: Optional[Literal["market", "sysu", "sysu-indoor", "regdb"]] = None  #: default: the layout's
+    eval_every: int = 10  #: epochs between evaluations (0: only at the end)
+    eval_trials: int = 10
+    eval_feature: Literal["bn", "pre_bn"] = "bn"
+    eval_flip: bool = False
+    eval_batch_size: int = 128
+    # outputs
+    output_dir: str = "runs/finetune"
+    checkpoint_every_epochs: int = 1
+    keep_last: int = 2
+    log_every: int = 20
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    @property
+    def batch_size(self) -> int:
+        """Images per process and step."""
+        return self.ids_per_batch * self.instances * (2 if self.sampler == "cross_modal" else 1)
+
+    def validate(self) -> None:
+        """Refuse impossible settings with a :class:`UserError` before anything is built."""
+        if not self.shards:
+            raise UserError("no shard folder given: pass --shards DIR (built by `python -m shards build`)")
+        at_least_one = {"epochs": self.epochs, "ids_per_batch": self.ids_per_batch, "instances": self.instances,
+                        "eval_trials": self.eval_trials, "eval_batch_size": self.eval_batch_size,
+                        "keep_last": self.keep_last, "log_every": self.log_every}
+        for key, value in at_least_one.items():
+            if value < 1:
+                raise UserError(f"--{key} must be at least 1, got {value}")
+        non_negative = {"lr": self.lr, "weight_decay": self.weight_decay, "warmup_epochs": self.warmup_epochs,
+                        "steps_per_epoch": self.steps_per_epoch, "max_steps": self.max_steps, "pad": self.pad,
+                        "eval_every": self.eval_every, "clip_grad": self.clip_grad, "margin": self.margin}
+        for key, value in non_negative.items():
+            if value < 0:
+                raise UserError(f"--{key} must not be negative, got {value}")
+        if self.ids_per_batch < 2:
+            raise UserError("--ids_per_batch must be at least 2: the triplet loss needs two identities per batch")
+        if min(self.image_size) < 16:
+            raise UserError(f"--image_size {self.image_size} is too small (at least 16 x 16)")
+        if self.arch.startswith("vit") and (self.image_size[0] % 16 or self.image_size[1] % 16):
+            raise UserError(f"--image_size {self.image_size}: a ViT needs multiples of its 16-pixel patch")
+        if self.warmup_epochs > self.epochs:
+            raise UserError(f"--warmup_epochs {self.warmup_epochs} is longer than the run ({self.epochs} epochs)")
+
+
+def _agw(**changes: Any) -> FinetuneConfig:
+    return dataclasses.replace(FinetuneConfig(), **changes)
+
+
+def _transreid(**changes: Any) -> FinetuneConfig:
+    base = FinetuneConfig(
+        arch="vit_small", image_size=(256, 128), normalization="half", erase_p=0.5, sampler="identity",
+        ids_per_batch=16, instances=4, triplet="soft", epochs=120, lr=4e-4, backbone_lr_factor=1.0,
+        bias_lr_factor=2.0, weight_decay=1e-4, weight_decay_bias=1e-4, nesterov=False, schedule="cosine",
+        warmup_epochs=20, eval_every=20, eval_feature="pre_bn", output_dir="runs/finetune-transreid")
+    return dataclasses.replace(base, **changes)
+
+
+_TINY = dict(image_size=(64, 32), pad=4, ids_per_batch=2, instances=2, epochs=2, steps_per_epoch=4,
+             warmup_epochs=1, eval_every=0, eval_trials=2, eval_batch_size=64, log_every=2, keep_last=2)
+
+PRESETS: dict[str, Callable[[], FinetuneConfig]] = {
+    "agw-sysu": lambda: _agw(protocol="sysu", output_dir="runs/finetune-agw-sysu"),
+    "agw-regdb": lambda: _agw(protocol="regdb", output_dir="runs/finetune-agw-regdb"),
+    "transreid-market": lambda: _transreid(protocol="market"),
+    "agw-tiny": lambda: _agw(arch="resnet_tiny_two_stream", milestones=(1, 2), output_dir="runs/finetune-agw-tiny",
+                             **_TINY),
+    "transreid-tiny": lambda: _transreid(arch="vit_tiny", **{**_TINY, "ids_per_batch": 4},
+                                         output_dir="runs/finetune-transreid-tiny"),
+}
+
+
+def resolve_config(preset: str, overrides: list[str] = (), **values: Any) -> FinetuneConfig:
+    """The preset, then keyword ``values``, then ``--key value`` ``overrides`` (typed as in
+    :mod:`train.config`; an unknown key or bad value is a :class:`UserError`)."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
+    config = dataclasses.replace(PRESETS[preset](), **values)
+    for key, text in setting_pairs(list(overrides)):
+        name = key.replace("-", "_")
+        setattr(config, name, parse_value(config, name, text, key))
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+def gem(feature_map: torch.Tensor, p: float = GEM_P) -> torch.Tensor:
+    """Generalized-mean pooling as AGW: ``(B, C, H, W) -> (B, C)``, ``(mean(x^p) + 1e-12)^(1/p)``
+    (the input is post-ReLU, non-negative)."""
+    return (feature_map.float().pow(p).mean(dim=(2, 3)) + 1e-12).pow(1.0 / p)
+
+
+class ReIDModel(nn.Module):
+    """Backbone -> global feature -> BNNeck -> classifier.
+
+    Global feature ``(B, D)``: GeM of the ResNet map (D = 2048 for ResNet-50), or
+    ``cat(CLS, mean(PART_k))`` of the ViT (D = 2 x embed dim).
+    ``forward(images, modality)`` -> ``(features (B, D), logits (B, num_classes))``: features
+    before the BNNeck (triplet loss), logits of the BN feature (ID loss).
+    ``embed(images, modality, which)`` -> ``(B, D)`` test features, ``bn`` or ``pre_bn``.
+    ``modality`` ``(B,)`` (0 rgb, 1 ir) routes the two-stream stems; other backbones ignore it.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        if isinstance(backbone, VisionTransformer):
+            dim = 2 * backbone.embed_dim
+        else:
+            dim = backbone.num_features
+        self.feature_dim = dim
+        self.bottleneck = nn.BatchNorm1d(dim)
+        self.bottleneck.bias.requires_grad_(False)  # BNNeck: no shift, as AGW / TransReID
+        self.classifier = nn.Linear(dim, num_classes, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.001)
+
+    def global_features(self, images: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.backbone, TwoStreamResNet):
+            return gem(self.backbone(images, modality))
+        if isinstance(self.backbone, ResNet):
+            return gem(self.backbone(images))
+        out = self.backbone(images)
+        return torch.cat([out.cls, out.parts.mean(dim=1)], dim=1)
+
+    def forward(self, images: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.global_features(images, modality)
+        return features, self.classifier(self.bottleneck(features))
+
+    def embed(self, images: torch.Tensor, modality: torch.Tensor, which: str = "bn") -> torch.Tensor:
+        features = self.global_features(images, modality)
+        return self.bottleneck(features) if which == "bn" else features
+
+
+def build_backbone(arch: str, image_size: tuple[int, int]) -> nn.Module:
+    """A fresh backbone of ``arch`` (ViTs learn position embeddings on ``image_size``'s grid)."""
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "resnet50_two_stream": resnet50_two_stream,
+        "resnet50": resnet50,
+        "resnet_tiny_two_stream": lambda: resnet_tiny_test(two_stream=True),
+        "resnet_tiny": resnet_tiny_test,
+        "vit_small": lambda: vit_small(img_size=tuple(image_size)),
+        "vit_base": lambda: vit_base(img_size=tuple(image_size)),
+        "vit_tiny": lambda: vit_tiny_test(img_size=tuple(image_size)),
+    }
+    if arch not in builders:
+        raise UserError(f"unknown arch {arch!r}; expected one of: {', '.join(builders)}")
+    return builders[arch]()
+
+
+def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The backbone state dict in a file (module docstring: nesting and prefixes accepted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"backbone file {path} does not exist (give an export, or --init random)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file: a user error, whatever the loader raised
+        raise UserError(f"cannot read backbone weights from {path}: {type(err).__name__}: {err}") from None
+    for key in ("state_dict", "model", "backbone", "teacher"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors")
+    for prefix in ("module.", "backbone."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_backbone(backbone: nn.Module, path: str | Path) -> None:
+    """Load an exported backbone into ``backbone``; every key must match (module docstring)."""
+    state = read_backbone_state(path)
+    own = backbone.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(
+            f"{path} does not fit a {type(backbone).__name__}: {len(missing)} missing key(s) "
+            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}), {len(unexpected)} unexpected "
+            f"({', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}); export it with "
+            "`python -m models.export CHECKPOINT --format native`, or check --arch")
+    wrong = [k for k in own if own[k].shape != state[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{path}: {len(wrong)} weight(s) of the wrong shape, e.g. {k} {tuple(state[k].shape)} "
+                        f"instead of {tuple(own[k].shape)} (another --arch or --image_size?)")
+    backbone.load_state_dict(state)
+
+
+def infer_arch(state: dict[str, torch.Tensor]) -> str:
+    """The ``arch`` of a native backbone state dict, from its keys and shapes."""
+    if "stems.rgb.conv1.weight" in state:
+        return "resnet50_two_stream" if state["stems.rgb.conv1.weight"].shape[0] == 64 else "resnet_tiny_two_stream"
+    if "conv1.weight" in state:
+        return "resnet50" if state["conv1.weight"].shape[0] == 64 else "resnet_tiny"
+    if "patch_embed.proj.weight" in state:
+        return {384: "vit_small", 768: "vit_base", 48: "vit_tiny"}.get(state["patch_embed.proj.weight"].shape[0], "?")
+    raise UserError("the weights are neither a ResNet nor a ViT backbone of this project (unknown key layout); "
+                    "export them with `python -m models.export CHECKPOINT --format native`")
+
+
+# --------------------------------------------------------------------------------------------
+# Data: protocol, training identities, source
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """The training split, its sampler and the pid -> class map (sorted ``pids`` ``(C,)``)."""
+
+    split: str
+    protocol: str
+    pids: torch.Tensor
+    sampler: Callable | str
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.pids.numel())
+
+
+def default_protocol(manifest: Manifest) -> str:
+    allowed = LAYOUT_PROTOCOLS.get(manifest.layout)
+    if not allowed:
+        raise UserError(f"layout {manifest.layout!r} has no labelled evaluation protocol to fine-tune for")
+    return allowed[0]
+
+
+def training_data(config: FinetuneConfig, manifest: Manifest, rank: int, world: int) -> TrainingData:
+    """Which split and identities to train on, checked against the sampler (DESIGN.md section 8)."""
+    from pipelines.samplers import CrossModalSampler
+
+    protocol = config.protocol or default_protocol(manifest)
+    check_protocol(manifest, config.shards, protocol)
+    if protocol == "regdb":
+        trials = {t.trial: t for t in manifest.trials}
+        if config.regdb_trial not in trials:
+            raise UserError(f"--regdb_trial {config.regdb_trial} is not in the manifest (it has {sorted(trials)})")
+        pids = torch.tensor(sorted(trials[config.regdb_trial].train_ids), dtype=torch.int64)
+        if config.sampler != "cross_modal":
+            raise UserError("RegDB fine-tuning uses --sampler cross_modal (the trial's identities are selected by it)")
+
+        def regdb_sampler(cached):
+            # Rows of other identities get a modality code the sampler ignores (neither 0 nor 1).
+            modality = cached.modality.cpu().masked_fill(~torch.isin(cached.pid.cpu(), pids), -1)
+            return CrossModalSampler(cached.pid.cpu(), modality, config.batch_size, config.instances,
+                                     seed=config.seed, rank=rank, world=world)
+
+        return TrainingData("all", protocol, pids, regdb_sampler)
+    if not manifest.shards_of("train"):
+        raise UserError(f"{config.shards} has no 'train' split to fine-tune on")
+    pids = torch.tensor(sorted(manifest.pid_to_label), dtype=torch.int64)
+    if config.sampler == "cross_modal" and set(manifest.splits["train"].modalities) != {"rgb", "ir"}:
+        have = ", ".join(manifest.splits["train"].modalities) or "none"
+        raise UserError(f"the cross-modal sampler needs RGB and infrared training images; {config.shards} has: {have} "
+                        "(use --sampler identity for RGB-only data)")
+    return TrainingData("train", protocol, pids, config.sampler)
+
+
+def class_labels(pids: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Dataset pids ``(B,)`` -> class indices ``(B,)`` in the sorted ``known`` pids ``(C,)``."""
+    labels = torch.searchsorted(known, pids).clamp(max=known.numel() - 1)
+    if not bool((known[labels] == pids).all()):
+        raise RuntimeError("a training batch holds an identity outside the training identities")
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------
+
+
+def parameter_groups(model: ReIDModel, config: FinetuneConfig) -> list[dict]:
+    """SGD groups: backbone / head x weights / biases, each with its ``base_lr`` and decay."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((name.startswith("backbone."), name.endswith("bias")), []).append(param)
+    result = []
+    for (in_backbone, is_bias), params in groups.items():
+        lr = config.lr * (config.backbone_lr_factor if in_backbone else 1.0) * (config.bias_lr_factor if is_bias else 1.0)
+        decay = config.weight_decay_bias if is_bias else config.weight_decay
+        result.append({"params": params, "lr": lr, "base_lr": lr, "weight_decay": decay})
+    return result
+
+
+def lr_factors(config: FinetuneConfig, steps_per_epoch: int) -> np.ndarray:
+    """Multiplier of every group's ``base_lr`` at each step ``(epochs * steps_per_epoch,)``.
+
+    ``agw_step``: per epoch e, ``(e + 1) / warmup`` during the warm-up, then 1, 0.1 from
+    ``milestones[0]``, 0.01 from ``milestones[1]``. ``cosine``: :func:`train.schedules.cosine_schedule`
+    from ``warmup_start`` up to 1 over the warm-up, then down to ``min_lr_factor``.
+    """
+    if config.schedule == "cosine":
+        return cosine_schedule(1.0, config.min_lr_factor, config.epochs, steps_per_epoch, config.warmup_epochs,
+                               config.warmup_start)
+    epoch = np.arange(config.epochs * steps_per_epoch) // steps_per_epoch
+    factor = np.where(epoch >= config.milestones[0], 0.1, 1.0)
+    factor = np.where(epoch >= config.milestones[1], 0.01, factor)
+    if config.warmup_epochs > 0:
+        factor = np.where(epoch < config.warmup_epochs, (epoch + 1) / config.warmup_epochs, factor)
+    return factor.astype(np.float64)
+
+
+def triplet_loss(config: FinetuneConfig, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if config.triplet == "weighted":
+        return weighted_regularized_triplet(features, labels)
+    return batch_hard_triplet(features, labels, margin=config.margin if config.triplet == "batch_hard" else None)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneResult:
+    """``metrics``: the final evaluation; ``history``: one entry per epoch (``kind: train``: mean
+    losses, lr, images/s) and per evaluation (``kind: eval``: R1, mAP, mINP...), the curve data;
+    ``checkpoint``: the last checkpoint folder (``train.evaluate --checkpoint`` takes it)."""
+
+    metrics: list[ProtocolResult]
+    history: list[dict]
+    output_dir: Path
+    checkpoint: Path
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {r.setting: r.summary() for r in self.metrics}
+
+
+class _MetricLog:
+    """``metrics.jsonl`` (main process) and TensorBoard through accelerate."""
+
+    def __init__(self, accelerator, path: Path, tensorboard: bool) -> None:
+        self.accelerator, self.path, self.tensorboard = accelerator, path, tensorboard
+
+    def write(self, record: dict, step: int) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.tensorboard:
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+            prefix = record.get("kind", "train")
+            self.accelerator.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
+
+
+def _evaluate_model(model: ReIDModel, config: FinetuneConfig, protocol: str, device: torch.device) -> list[ProtocolResult]:
+    views = FinetuneViews(tuple(config.image_size), normalization=config.normalization)
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate(lambda v, m: model.embed(v, m, config.eval_feature), config.shards, protocol,
+                        size=tuple(config.image_size), transform=views.eval_views, trials=config.eval_trials,
+                        regdb_trials=[config.regdb_trial] if protocol == "regdb" else None,
+                        batch_size=config.eval_batch_size, device=device, flip=config.eval_flip,
+                        source="auto" if config.source == "cache" else config.source)
+    finally:
+        model.train(was_training)
+
+
+def _eval_record(results: list[ProtocolResult], epoch: int, step: int) -> dict:
+    record: dict[str, Any] = {"kind": "eval", "epoch": epoch, "step": step}
+    for r in results:
+        tag = "" if len(results) == 1 else f"{r.setting.split()[-1]}/"
+        record.update({f"{tag}{k}": v for k, v in r.summary().items()})
+    record["setting"] = ", ".join(r.setting for r in results)
+    return record
+
+
+def _make_accelerator(config: FinetuneConfig, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    log_with = None
+    if config.tensorboard:
+        try:
+            import tensorboard  # noqa: F401  (only to know whether the tracker can work)
+
+            log_with = "tensorboard"
+        except ImportError:
+            config.tensorboard = False
+    return Accelerator(mixed_precision=config.precision, log_with=log_with,
+                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")))
+
+
+def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> FinetuneResult:
+    """Fine-tune, evaluate periodically and at the end; returns metrics and curve data.
+
+    resume: ``None`` (a fresh run; ``output_dir`` must not hold checkpoints), ``latest`` (the run's
+    last checkpoint, or a fresh start when there is none) or a checkpoint / run folder.
+    Bad settings raise :class:`UserError` before any step.
+    """
+    from accelerate.utils import set_seed
+
+    from pipelines.sources import make_source
+    from pipelines.sources.base import seed_of
+    from train.checkpointing import CHECKPOINTS, Checkpointer, list_checkpoints, resolve_checkpoint
+
+    started = time.perf_counter()
+    config.validate()
+    manifest = load_manifest(config.shards)
+    out = Path(config.output_dir)
+    if resume is None and list_checkpoints(out / CHECKPOINTS):
+        raise UserError(f"{out} already holds checkpoints of a run: pass --resume latest to continue it, "
+                        "or choose another --output_dir")
+    accelerator = _make_accelerator(config, out)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    data = training_data(config, manifest, rank, world)
+    set_seed(config.seed)
+    backbone = build_backbone(config.arch, tuple(config.image_size))
+    if config.init != "random":
+        load_backbone(backbone, config.init)
+    model = ReIDModel(backbone, data.num_classes)
+    source = make_source(config.shards, data.split, batch_size=config.batch_size, size=tuple(config.image_size),
+                         device=device, source=config.source, sampler=data.sampler, instances=config.instances,
+                         seed=config.seed, rank=rank, world=world)
+    steps_per_epoch = min(len(source), config.steps_per_epoch or len(source))
+    total_steps = config.epochs * steps_per_epoch
+    last_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
+    factors = lr_factors(config, steps_per_epoch)
+    optimizer = torch.optim.SGD(parameter_groups(model, config), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpointer = Checkpointer(accelerator, out / CHECKPOINTS, config.keep_last, objects=[source])
+    document = {"format": FORMAT, "config": dataclasses.asdict(config), "num_classes": data.num_classes,
+                "protocol": data.protocol}
+    step, history, checkpoint = 0, [], None
+    if resume is not None and (resume != "latest" or list_checkpoints(out / CHECKPOINTS)):
+        checkpoint = resolve_checkpoint(resume, out)
+        state = checkpointer.load(checkpoint)
+        step, history = int(state["step"]), list(state.get("history", []))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(document["config"], indent=2) + "\n")
+    if config.tensorboard:
+        accelerator.init_trackers("finetune")
+    log = _MetricLog(accelerator, out / "metrics.jsonl", config.tensorboard)
+    views = FinetuneViews(tuple(config.image_size), pad=config.pad, flip_p=config.flip_p, erase_p=config.erase_p,
+                          normalization=config.normalization)
+    pids = data.pids.to(device)
+    bar = None
+    if config.progress_bar and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True)
+    model.train()
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    results: list[ProtocolResult] = []
+
+    def check_finite() -> None:
+        if bool(bad):
+            raise UserError(f"the loss became non-finite before step {step}; stopped. The last good checkpoint is "
+                            f"{checkpoint or 'none (none was saved yet)'}: lower --lr or use --precision no")
+
+    def save(epoch: int) -> Path:
+        check_finite()
+        return checkpointer.save({"step": step, "epoch": epoch, "history": history}, {DOCUMENT: document})
+
+    while step < last_step:
+        epoch = step // steps_per_epoch
+        if step % steps_per_epoch == 0:
+            source.set_epoch(epoch)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)
+        count, images, tick = 0, 0, time.perf_counter()
+        for batch in source:
+            generator = torch.Generator(device=device).manual_seed(seed_of(config.seed, step, rank))
+            with torch.no_grad():
+                inputs = views(batch.images, generator)
+            lr_now = float(factors[step])
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_now
+            labels = class_labels(batch.pid, pids)
+            with accelerator.autocast():
+                features, logits = model(inputs, batch.modality)
+                id_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                tri_loss = triplet_loss(config, features.float(), labels)
+                loss = id_loss + config.triplet_weight * tri_loss
+            bad |= ~torch.isfinite(loss.detach())
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if config.clip_grad > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.clip_grad)
+            optimizer.step()
+            step += 1
+            count += 1
+            images += len(batch) * world
+            sums += torch.stack([loss.detach(), id_loss.detach(), tri_loss.detach()]).double()
+            if step % config.log_every == 0 or step == last_step:
+                check_finite()
+                rate = images / max(time.perf_counter() - tick, 1e-9)
+                means = (sums / count).tolist()
+                log.write({"kind": "step", "step": step, "epoch": epoch, "lr": lr_now * config.lr, "loss": means[0],
+                           "id_loss": means[1], "triplet_loss": means[2], "images_per_s": rate}, step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{rate:.0f}", lr=f"{lr_now * config.lr:.2e}")
+            if bar is not None:
+                bar.update(1)
+            if step % steps_per_epoch == 0 or step >= last_step:
+                break
+        check_finite()
+        means = (sums / max(count, 1)).tolist()
+        history.append({"kind": "train", "epoch": epoch, "step": step, "loss": means[0], "id_loss": means[1],
+                        "triplet_loss": means[2], "lr": float(factors[step - 1]) * config.lr,
+                        "images_per_s": images / max(time.perf_counter() - tick, 1e-9)})
+        log.write(history[-1], step)
+        finished = step >= last_step
+        epoch_done = step % steps_per_epoch == 0
+        if finished or (epoch_done and config.eval_every and (epoch + 1) % config.eval_every == 0):
+            if accelerator.is_main_process:
+                results = _evaluate_model(accelerator.unwrap_model(model), config, data.protocol, device)
+                history.append(_eval_record(results, epoch, step))
+                log.write(history[-1], step)
+                if bar is not None:
+                    bar.write(format_table(results))
+            accelerator.wait_for_everyone()
+        if finished or (epoch_done and config.checkpoint_every_epochs
+                        and (epoch + 1) % config.checkpoint_every_epochs == 0):
+            checkpoint = save(epoch)
+    if bar is not None:
+        bar.close()
+    if checkpoint is None:  # resumed from a finished run: nothing left to train
+        checkpoint = resolve_checkpoint("latest", out)
+    if not results and accelerator.is_main_process:
+        results = _evaluate_model(accelerator.unwrap_model(model), config, data.protocol, device)
+    seconds = time.perf_counter() - started
+    if accelerator.is_main_process:
+        report = {"results": [r.to_dict() for r in results], "checkpoint": str(checkpoint), "seconds": seconds}
+        (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    accelerator.end_training()
+    return FinetuneResult(results, history, out, Path(checkpoint), seconds)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading for evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """What :mod:`train.evaluate` needs: ``embed(views, modality) -> (B, D)``, the input size and
+    eval transform, the device, and the RegDB trial a fine-tuned model was trained on."""
+
+    path: Path
+    embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    size: tuple[int, int]
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    device: torch.device
+    regdb_trial: Optional[int] = None
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _exported_backbone(path: Path, size: Optional[tuple[int, int]]) -> nn.Module:
+    """A backbone file: a native export is rebuilt by :func:`models.export.load_backbone`; a
+    plain state dict with this project's keys is matched to an ``arch`` by :func:`infer_arch`."""
+    from models.export import NATIVE_FORMAT
+    from models.export import load_backbone as load_native
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True) if path.suffix != ".safetensors" else None
+    except Exception as err:  # any unreadable file: a user error, whatever the loader raised
+        raise UserError(f"cannot read backbone weights from {path}: {type(err).__name__}: {err}") from None
+    if isinstance(payload, dict) and payload.get("format") == NATIVE_FORMAT:
+        return load_native(path)
+    arch = infer_arch(read_backbone_state(path))
+    backbone = build_backbone(arch, tuple(size) if size else ((256, 128) if arch.startswith("vit") else (288, 144)))
+    load_backbone(backbone, path)
+    return backbone
+
+
+def _finetune_checkpoint(path: Path) -> Optional[Path]:
+    """The checkpoint folder ``path`` designates, when it is a fine-tuning run or checkpoint."""
+    from train.checkpointing import resolve_checkpoint
+
+    if not path.is_dir():
+        return None
+    folder = resolve_checkpoint(str(path), path)
+    if not (folder / DOCUMENT).is_file():
+        raise UserError(f"{folder} is a checkpoint, but not of a fine-tuning run (no {DOCUMENT}); "
+                        "export its backbone with `python -m models.export` and pass the export")
+    return folder
+
+
+def load_for_evaluation(path: str | Path, device: str | torch.device | None = None,
+                        size: Optional[tuple[int, int]] = None) -> LoadedModel:
+    """A fine-tuning checkpoint (or run folder), or an exported backbone file, ready to embed.
+
+    Fine-tuned: the recipe's test feature (``eval_feature``) at its ``image_size``. Backbone:
+    GeM (ResNet) or cat(CLS, mean PART) (ViT) features, ImageNet normalization for a ResNet and
+    mean = std = 0.5 for a ViT (the PASS convention), at ``size`` (default 288x144 / 256x128).
+    """
+    from train.checkpointing import load_model_state, read_json
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    folder = _finetune_checkpoint(path)
+    if folder is not None:
+        document = read_json(folder / DOCUMENT)
+        if document.get("format") != FORMAT:
+            raise UserError(f"{folder / DOCUMENT} has format {document.get('format')!r}, expected {FORMAT!r}")
+        config = from_dict(FinetuneConfig, document["config"])
+        model = ReIDModel(build_backbone(config.arch, tuple(config.image_size)), int(document["num_classes"]))
+        model.load_state_dict(load_model_state(folder))
+        which, image_size, normalization = config.eval_feature, tuple(config.image_size), config.normalization
+        regdb_trial = config.regdb_trial if document.get("protocol") == "regdb" else None
+        description = f"fine-tuned {config.arch} ({folder})"
+    else:
+        backbone = _exported_backbone(path, size)
+        is_vit = isinstance(backbone, VisionTransformer)
+        image_size = tuple(size) if size else ((256, 128) if is_vit else (288, 144))
+        model = ReIDModel(backbone, 1)
+        arch = type(backbone).__name__
+        which, normalization, regdb_trial = "pre_bn", ("half" if is_vit else "imagenet"), None
+        description = f"exported {arch} backbone ({path})"
+    model.to(device).eval()
+    views = FinetuneViews(image_size, normalization=normalization)
+    return LoadedModel(path, lambda v, m: model.embed(v, m, which), image_size, views.eval_views, device,
+                       regdb_trial, description)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    keys = ", ".join(f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in ("shards", "init"))
+    parser = argparse.ArgumentParser(
+        prog="python -m train.finetune",
+        description="Fine-tune a pre-trained ReID backbone (MMGL ResNet for RGB-IR with the AGW recipe, PASS ViT "
+                    "for RGB with the TransReID recipe) and evaluate it under the dataset's standard protocol.",
+        epilog=f"Presets: {', '.join(PRESETS)}. Any setting: --key value, keys: {keys}. "
+               "Several processes: accelerate launch -m train.finetune ...",
+    )
+    parser.add_argument("--shards", required=True, help="shard folder built by `python -m shards build`")
+    parser.add_argument("--init", required=True, help="an exported backbone (.pt / .safetensors), or `random`")
+    parser.add_argument("--preset", default="agw-sysu", choices=sorted(PRESETS), help="recipe (default agw-sysu)")
+    parser.add_argument("--resume", default=None,
+                        help="`latest` (this output_dir's last checkpoint) or a checkpoint / run folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = _parser().parse_known_args(argv)
+    config = resolve_config(args.preset, overrides, shards=args.shards, init=args.init)
+    result = run_finetune(config, resume=args.resume)
+    print(format_table(result.metrics))
+    print(f"checkpoint: {result.checkpoint}\nresults: {result.output_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

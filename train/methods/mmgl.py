@@ -1,0 +1,236 @@
+"""MMGL: self-supervised pre-training of a (two-stream) ResNet-50 from scratch on RGB-IR ReID data.
+
+First public implementation (the paper's pre-training code was never published); every choice
+the paper leaves open is stated where it is made: here, in :mod:`train.losses.permutation` and
+:mod:`train.losses.pcc`.
+
+One step, for a batch of ``B`` slots (``2B`` images: the ``B`` RGB images, then the ``B`` IR
+images, from the ``pairs`` sampler; slot ``b`` pairs rows ``b`` and ``B + b``, unpaired
+identities):
+
+1. Views (:class:`pipelines.views.mmgl.MMGLViews`, on the device): resize 288x144, pad 10 +
+   random crop, flip, ImageNet normalization, then the 6 horizontal stripes of both images of a
+   slot are shuffled by the SAME random permutation ``perm[b]``.
+2. Backbone: each modality through its own stem (two-stream; one shared stem in the one-stream
+   variant), shared ``layer1`` .. ``layer4`` with last stride 1: ``(2B, 2048, 18, 9)``. The two
+   halves of the batch are known to be RGB then IR, so each stem runs on its half directly (no
+   data-dependent routing, no host synchronization).
+3. Permutation recovery (:class:`models.heads.PermutationHead`): global average pool -> linear ->
+   6x6 logits -> 20 log-space Sinkhorn iterations; loss = MSE against the ground-truth permutation
+   matrix, squared error summed over the 36 entries and averaged over the RGB and IR images
+   together (:func:`train.losses.permutation.permutation_loss`, which says why not the mean).
+4. PCC (:class:`models.heads.PartProjection` then :func:`train.losses.pcc.part_cycle_contrastive`):
+   the map is pooled into 6 stripe features, projected 2048 -> 256 (1x1 conv + BN + ReLU), and
+   compared stripe POSITION by stripe position (position ``j`` of every shuffled image). Choice,
+   measured: comparing by body region instead (un-shuffling the features with the known
+   permutation first) lets PCC be solved from absolute position alone -- the features of a
+   region that sits at the same position in two images match whatever they show, and a CNN
+   knows absolute position from the zero padding. In our CPU runs PCC accuracy then froze at
+   exactly ``1 / (2B / 6)`` (the position groups) and permutation recovery did not start. At a
+   fixed position, position carries no information; what distinguishes the candidates is which
+   body region each shows, so the soft retrieval has to find the semantically similar patches
+   (the same region of other people, in both modalities), which is also what the permutation
+   task needs. The RGB and the IR image of a slot show the same region at every position (shared
+   permutation), so each query has at least one cross-modal candidate of its own region.
+5. loss = loss_perm + ``pcc_weight`` x loss_pcc (defaults: ``pcc_weight`` 0.5, ``tau`` 0.07,
+   6 stripes; the paper found 0.3-0.5 best in 0.2-1.0).
+
+Logged: ``loss_perm``, ``loss_pcc``, ``perm_acc`` (RGB and IR images together), ``perm_acc_rgb``,
+``perm_acc_ir``, ``pcc_acc``. Heads and losses run in float32 under mixed precision (Sinkhorn in
+the head, the losses with autocast off).
+
+A split without both modalities cannot be paired: the ``pairs`` sampler refuses it with a
+:class:`UserError` when the source is built (after the device cache is filled, before any step);
+:func:`require_both_modalities` gives the same refusal from the manifest's counts alone, before
+anything is decoded, for callers that check first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from models.heads import PartProjection, PermutationHead
+from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_tiny_test
+from pipelines.batch import Batch
+from pipelines.views.mmgl import MMGLViewBatch, MMGLViews
+from shards.errors import UserError
+from shards.manifest import load_manifest
+from train.config import RunConfig, TrainConfig, setting
+from train.losses.pcc import DEFAULT_RETRIEVAL_TEMPERATURE, DEFAULT_TAU, part_cycle_contrastive
+from train.losses.permutation import permutation_correct, permutation_loss
+from train.methods.base import BackboneSpec, DataSpec, Method, StepOutput
+
+#: Backbones by name: the factory in :mod:`models.resnet` and its keyword arguments per variant.
+BACKBONES = {
+    "resnet50": {True: ("resnet50_two_stream", {}), False: ("resnet50", {})},
+    "tiny": {True: ("resnet_tiny_test", {"two_stream": True}), False: ("resnet_tiny_test", {"two_stream": False})},
+}
+_FACTORIES = {"resnet50_two_stream": resnet50_two_stream, "resnet50": resnet50, "resnet_tiny_test": resnet_tiny_test}
+
+
+@dataclass
+class MMGLConfig:
+    """MMGL's own settings; defaults are the paper's where it gives them (DESIGN.md section 5)."""
+
+    backbone: Literal["resnet50", "tiny"] = setting("resnet50", "ResNet-50 (tiny: the width-8 test model)")
+    two_stream: bool = setting(True, "RGB and IR stems, shared layer1..4 (AGW); false: one shared stem")
+    image_size: tuple[int, int] = setting((288, 144), "view size (H, W); H a multiple of 16 x num_stripes")
+    num_stripes: int = setting(6, "horizontal stripes shuffled, and pooled into part features")
+    part_dim: int = setting(256, "PCC part feature size (1x1 conv 2048 -> part_dim)")
+    pcc_weight: float = setting(0.5, "lambda: loss = permutation + lambda x PCC")
+    tau: float = setting(DEFAULT_TAU, "InfoNCE temperature of PCC")
+    retrieval_temperature: float = setting(DEFAULT_RETRIEVAL_TEMPERATURE, "softmax temperature of PCC's soft retrieval")
+    sinkhorn_iterations: int = setting(20, "log-space Sinkhorn iterations of the permutation head")
+    pad: int = setting(10, "zero padding before the random crop back to image_size")
+    flip_p: float = setting(0.5, "horizontal flip probability")
+
+
+def require_both_modalities(shards: str | os.PathLike, split: str) -> None:
+    """Refuse, with a :class:`UserError`, a split that lacks RGB or infrared images.
+
+    Reads only the manifest's per-modality counts, so the error comes before any image is decoded.
+    """
+    counts = load_manifest(shards).splits.get(split)
+    if counts is None:
+        return  # an unknown split is the source's error to report, with the splits that exist
+    missing = [name for name in ("rgb", "ir") if name not in counts.modalities or counts.modalities[name].images == 0]
+    if missing:
+        have = ", ".join(f"{c.images} {m}" for m, c in counts.modalities.items()) or "no images"
+        raise UserError(
+            f"MMGL pairs an RGB and an infrared image in every batch slot, but split {split!r} of {shards} has "
+            f"no {' and no '.join({'rgb': 'RGB', 'ir': 'infrared'}[m] for m in missing)} image ({have}); "
+            "use a multi-modal dataset such as SYSU-MM01 or RegDB"
+        )
+
+
+class MMGL(Method):
+    """The MMGL method (module docstring), built from an :class:`MMGLConfig`.
+    State: ``backbone.*``, ``permutation_head.*``, ``part_projection.*``."""
+
+    name = "mmgl"
+
+    def __init__(self, config: MMGLConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        if c.backbone not in BACKBONES:
+            raise UserError(f"unknown MMGL backbone {c.backbone!r}; expected one of: {', '.join(BACKBONES)}")
+        if c.num_stripes < 2 or c.image_size[0] % (16 * c.num_stripes):
+            raise UserError(
+                f"--method.image_size height {c.image_size[0]} must be a multiple of 16 x {c.num_stripes} stripes "
+                f"= {16 * c.num_stripes} (at least 2 stripes), so that every stripe covers whole rows of the "
+                "stride-16 feature map (288 and 96 work for 6 stripes)"
+            )
+        if c.tau <= 0 or c.retrieval_temperature <= 0:
+            raise UserError(f"PCC temperatures must be positive, got tau={c.tau}, retrieval_temperature={c.retrieval_temperature}")
+        factory, kwargs = BACKBONES[c.backbone][c.two_stream]
+        self.backbone: ResNet | TwoStreamResNet = _FACTORIES[factory](**kwargs)
+        self._backbone_spec = BackboneSpec(f"models.resnet:{factory}", dict(kwargs))
+        features = self.backbone.num_features
+        self.permutation_head = PermutationHead(features, c.num_stripes, c.sinkhorn_iterations)
+        self.part_projection = PartProjection(features, c.part_dim, c.num_stripes)
+        self.views = MMGLViews(size=tuple(c.image_size), pad=c.pad, flip_p=c.flip_p, num_stripes=c.num_stripes)
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(size=self.views.size, sampler="pairs", images_per_slot=2)
+
+    def make_views(self, batch: Batch, generator: torch.Generator) -> MMGLViewBatch:
+        """``2B`` images (RGB half, then IR half, as the ``pairs`` sampler lays them out) -> views."""
+        if len(batch) % 2:
+            raise ValueError(f"an MMGL batch holds B RGB then B IR images, got an odd count {len(batch)}")
+        half = len(batch) // 2
+        return self.views(batch.images[:half], batch.images[half:], generator)
+
+    def features(self, rgb: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
+        """Backbone feature maps of both halves: ``(B, 3, H, W)`` x 2 -> ``(2B, C, H/16, W/16)``,
+        RGB rows first. Each stem sees only its modality, so its BatchNorm statistics do too."""
+        # Inputs follow the weights' memory format (the loop's --channels_last converts the weights).
+        stem_weight = next(self.backbone.parameters())
+        if stem_weight.is_contiguous(memory_format=torch.channels_last) and not stem_weight.is_contiguous():
+            rgb = rgb.contiguous(memory_format=torch.channels_last)
+            ir = ir.contiguous(memory_format=torch.channels_last)
+        if self.config.two_stream:
+            stems = self.backbone.stems
+            return self.backbone.forward_layers(torch.cat([stems["rgb"](rgb), stems["ir"](ir)]))
+        return self.backbone(torch.cat([rgb, ir]))
+
+    def forward(self, views: MMGLViewBatch) -> StepOutput:
+        batch = views.perm.shape[0]
+        features = self.features(views.rgb, views.ir)
+        predicted = self.permutation_head(features).matrix  # (2B, n, n) float32
+        perm = torch.cat([views.perm, views.perm])  # both images of a slot share the permutation
+        target = views.permutation_matrix()
+        loss_perm = permutation_loss(predicted, torch.cat([target, target]))
+        parts = self.part_projection(features)  # (2B, n, part_dim), by position
+        pcc = part_cycle_contrastive(parts[:batch], parts[batch:], self.config.tau, self.config.retrieval_temperature)
+        loss = loss_perm + self.config.pcc_weight * pcc.loss
+        with torch.no_grad():
+            correct = permutation_correct(predicted, perm).float()
+            metrics = {
+                "loss_perm": loss_perm.detach(),
+                "loss_pcc": pcc.loss.detach(),
+                "perm_acc": correct.mean(),
+                "perm_acc_rgb": correct[:batch].mean(),
+                "perm_acc_ir": correct[batch:].mean(),
+                "pcc_acc": pcc.accuracy,
+            }
+        return StepOutput(loss, metrics)
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """Stems + ``layer1`` .. ``layer4`` in the native layout (``stems.rgb.conv1.weight``,
+        ``layer1.0.conv1.weight``, ...; one-stream: torchvision's keys), without the heads."""
+        return {key: value.detach().contiguous() for key, value in self.backbone.state_dict().items()}
+
+    def backbone_spec(self) -> BackboneSpec:
+        return self._backbone_spec
+
+
+# --- presets -------------------------------------------------------------------------------------
+def mmgl_sysu() -> RunConfig:
+    """The paper's run on SYSU-MM01 (train + val ids: 22,258 RGB + 11,909 IR images): two-stream
+    ResNet-50 from scratch, 288x144, 100 epochs.
+
+    Batch: 64 slots = 128 images (64 RGB + 64 IR) per step. An epoch pairs every RGB image once
+    (the IR set is cycled), so 22,258 // 64 = 347 steps per epoch, 34,700 steps in all. 64 is
+    what fits the original's single 11 GB consumer GPU at 288x144 in mixed precision; it gives
+    every stem's BatchNorm 64 images and every PCC query 63-64 candidates per modality and 127
+    negatives. A larger --batch_size scales the learning rate linearly (the loop's lr_scaling).
+
+    Optimizer (not published; the only released code, the AGW fine-tuning, uses SGD): AdamW,
+    peak lr 2e-3 per 256 images (1e-3 at 128) after 5 warm-up epochs, cosine to 1e-6, weight
+    decay 0.05 (constant; none on biases and norms), per-tensor gradient clip 3.0. AdamW because
+    the two terms' gradients differ in scale by orders of magnitude across the network (the
+    Sinkhorn MSE reaches the backbone through a 36-way normalization) and Adam's per-parameter
+    scaling makes the balance insensitive to that; 1e-3 at batch 128 is the usual AdamW rate for
+    a ResNet-50 from scratch. bf16 autocast (heads and losses run in float32), channels_last.
+    """
+    train = TrainConfig(
+        epochs=100, batch_size=64, optimizer="adamw", lr=2e-3, lr_scaling="linear", min_lr=1e-6,
+        warmup_epochs=5, weight_decay=0.05, weight_decay_end=0.05, clip_grad=3.0, clip_mode="param",
+        precision="bf16", channels_last=True, output_dir="runs/mmgl_sysu", checkpoint_every_epochs=5,
+        keep_last=3, log_every=50,
+    )
+    return RunConfig("mmgl", train, MMGLConfig())
+
+
+def mmgl_tiny() -> RunConfig:
+    """A CPU smoke run: the width-8 two-stream test ResNet on 96x48 views (6 stripes of 16 rows,
+    one row each of the 6x3 feature map), batch 16 slots, float32, 10 steps (``--max_steps 0``
+    runs every epoch). AdamW at 3e-3 for its 32 images per step (lr 2.4e-2 per 256), the rate
+    at which the tiny model's permutation accuracy rose in our CPU measurements."""
+    train = TrainConfig(
+        epochs=2, max_steps=10, batch_size=16, optimizer="adamw", lr=2.4e-2, lr_scaling="linear", min_lr=1e-5,
+        warmup_epochs=0.0, weight_decay=0.05, weight_decay_end=0.05, clip_grad=0.0, precision="no",
+        output_dir="runs/mmgl_tiny", checkpoint_every_epochs=1, keep_last=2, log_every=2,
+    )
+    return RunConfig("mmgl", train, MMGLConfig(backbone="tiny", image_size=(96, 48)))
+
+
+MMGL_PRESETS = {"mmgl_sysu": mmgl_sysu, "mmgl_tiny": mmgl_tiny}
+
+
+__all__ = ["BACKBONES", "MMGL", "MMGLConfig", "MMGL_PRESETS", "mmgl_sysu", "mmgl_tiny", "require_both_modalities"]

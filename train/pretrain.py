@@ -1,0 +1,408 @@
+"""Self-supervised pre-training, one loop for every method, under HuggingFace accelerate.
+
+    accelerate launch -m train.pretrain --method pass --shards DIR [--preset NAME] [--key value ...]
+    python -m train.pretrain --preset pass_tiny --shards DIR          # one process
+    python -m train.pretrain ... --resume [PATH]                      # continue a run
+
+The loop is linear, as DINO's ``main_dino.py`` and accelerate's ``complete_cv_example.py``:
+configuration -> accelerator -> method -> source -> optimizer and schedules -> resume -> steps.
+A step (the method contract, :mod:`train.methods.base`)::
+
+    lr, wd <- schedules[step]
+    views = method.make_views(batch, generator seeded by (seed, rank, step))
+    method.on_step_start(progress); out = model(views)            # autocast by accelerate
+    accelerator.backward(out.loss); method.before_optimizer_step(progress)
+    clip; optimizer.step(); method.after_step(progress)
+
+What it writes in ``--output_dir``: ``config.json`` (the resolved configuration),
+``metrics.jsonl`` (a line every ``--log_every`` steps: losses averaged over the steps and the
+processes, lr, wd, the method's schedule values, images/s), ``tensorboard/`` and
+``checkpoints/step_*`` (:mod:`train.checkpointing`: every ``--checkpoint_every_steps`` steps,
+every ``--checkpoint_every_epochs`` epochs, and at the end).
+
+Losses are checked at every logging step and before every checkpoint (one device-to-host copy
+per ``--log_every`` steps, not one per step): a non-finite loss stops the run with exit status
+3, naming the first bad step and its losses; no checkpoint is written after it, so the last
+good one is intact. Bad settings (unknown keys, missing shards, impossible batch settings) stop
+the run before training with exit status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
+from tqdm import tqdm
+
+from pipelines.batch import Batch
+from pipelines.sources import Source, make_source
+from pipelines.sources.base import seed_of
+from shards.errors import UserError, run_cli
+from train.checkpointing import CHECKPOINTS, Checkpointer, list_checkpoints, read_json, resolve_checkpoint
+from train.config import (
+    RunConfig,
+    TrainConfig,
+    config_differences,
+    config_from_dict,
+    describe,
+    flatten,
+    preset_registry,
+    resolve_config,
+    save_config,
+    settings_help,
+)
+from train.methods import METHODS
+from train.methods.base import Method, Progress, StepOutput
+from train.schedules import cosine_schedule, scaled_learning_rate
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+EXIT_NON_FINITE = 3
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite; the message names the step and the losses."""
+
+
+# --- command line ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.pretrain",
+        description="Self-supervised pre-training (one loop for every method) under HuggingFace accelerate. "
+        "Settings come from a preset, then from --key value overrides (--name for shared settings, "
+        "--method.name for the method's); `--help` with --method or --preset lists them with that preset's values.",
+        add_help=False,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--method", choices=sorted(METHODS), help="pre-training method")
+    parser.add_argument("--preset", help="named configuration (default: the method's default preset)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                        help="continue a run: its latest checkpoint (no PATH), or a checkpoint / run folder")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and the settings, then exit")
+    return parser
+
+
+def help_text(parser: argparse.ArgumentParser, method: Optional[str], preset: Optional[str]) -> str:
+    """Usage, the presets, and every setting with the value of ``preset`` (or the method's default)."""
+    registry = preset_registry()
+    lines = [parser.format_help(), "presets:"]
+    for name, fn in registry.items():
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        lines.append(f"  {name:<16} [{fn().method}] {doc}")
+    try:
+        config = resolve_config(method, preset) if (method or preset) else resolve_config("pass", None)
+    except UserError as err:
+        return "\n".join(lines + [f"\n({err})"])
+    lines += [f"\nshared settings (values of preset {config.preset}):", settings_help(config.train),
+              f"\n{config.method} settings (values of preset {config.preset}):",
+              settings_help(config.method_config, "method."),
+              "\nexit status: 0 done, 2 bad settings or data, 3 non-finite loss (the last good checkpoint is kept)"]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    if args.help:
+        print(help_text(parser, args.method, args.preset))
+        return 0
+    config = resolve_config(args.method, args.preset, overrides)
+    try:
+        train(config, resume=args.resume)
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    return 0
+
+
+# --- setup -----------------------------------------------------------------------------------------
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """Mixed precision, TensorBoard and (optionally) torch.compile through accelerate."""
+    out = Path(cfg.output_dir)
+    try:
+        accelerator = Accelerator(
+            # Without CUDA, say so: several launched processes then form one gloo group (MULTI_CPU)
+            # instead of each running alone.
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=cfg.precision,
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+            log_with="tensorboard",
+            dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
+        )
+    except ValueError as err:  # e.g. fp16 without a GPU
+        raise UserError(f"--precision {cfg.precision}: {err}") from None
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UserError(f"{launched} processes were launched but accelerate runs {accelerator.num_processes} "
+                        "process(es) per group; check the `accelerate launch` options")
+    return accelerator
+
+
+def build_source(cfg: TrainConfig, method: Method, accelerator: Accelerator) -> Source:
+    """This process's share of the training split, in the method's size and sampler; the source
+    shards by rank itself (accelerate's DataLoader wrapping is not used)."""
+    spec = method.data_spec()
+    return make_source(
+        cfg.shards, cfg.split, batch_size=cfg.batch_size, size=spec.size, device=accelerator.device,
+        source=cfg.source, shuffle=True, seed=cfg.seed, rank=accelerator.process_index,
+        world=accelerator.num_processes, drop_last=True, sampler=spec.sampler, num_workers=cfg.num_workers,
+    )
+
+
+def parameter_groups(method: Method) -> list[dict[str, Any]]:
+    """Trainable parameters split by :meth:`Method.no_weight_decay`: the first group follows the
+    weight-decay schedule, the second never decays."""
+    decay, no_decay = [], []
+    for name, param in method.named_parameters():
+        if param.requires_grad:
+            (no_decay if method.no_weight_decay(name, param) else decay).append(param)
+    return [{"params": decay, "decay": True}, {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+
+
+def build_optimizer(method: Method, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused kernels on CUDA) or momentum SGD; lr and weight decay are set every step."""
+    groups = parameter_groups(method)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, fused=True if device.type == "cuda" else None)
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.sgd_momentum)
+
+
+def make_schedules(cfg: TrainConfig, steps_per_epoch: int, world: int, images_per_slot: int) -> dict[str, np.ndarray]:
+    """Per-step learning rate (warm-up then cosine, scaled by the total batch) and weight decay."""
+    total_batch = cfg.batch_size * world * images_per_slot
+    peak = scaled_learning_rate(cfg.lr, total_batch, cfg.lr_scaling)
+    return {
+        "lr": cosine_schedule(peak, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs),
+        "wd": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
+    }
+
+
+def set_schedules(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group.get("decay", True):
+            group["weight_decay"] = wd
+
+
+def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float, mode: str) -> None:
+    """``param``: scale each tensor's gradient to norm <= ``max_norm`` on its own (DINO's
+    ``clip_gradients``); ``global``: scale all together by their total norm. No host sync."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    scales = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
+
+
+def endless(source: Source) -> Iterator[Batch]:
+    """Batches across epochs: the source moves to its next epoch when one is exhausted."""
+    while True:
+        yield from source
+
+
+def checkpoint_due(done: int, steps_per_epoch: int, cfg: TrainConfig) -> bool:
+    """Whether to checkpoint after ``done`` steps (the end of the run is handled apart)."""
+    if cfg.checkpoint_every_steps and done % cfg.checkpoint_every_steps == 0:
+        return True
+    epochs_done, at_epoch_end = divmod(done, steps_per_epoch)
+    return bool(cfg.checkpoint_every_epochs) and at_epoch_end == 0 and epochs_done % cfg.checkpoint_every_epochs == 0
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+class Monitor:
+    """Per-step losses kept on the device; every logging step one reduction across processes and
+    one copy to the host, a non-finite check, then JSONL / TensorBoard / progress bar."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, start: int, last: int, show_bar: bool) -> None:
+        self.accelerator = accelerator
+        self.path = run_dir / METRICS_FILE
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.names: list[str] = []
+        self.images = 0
+        self.clock = time.perf_counter()
+        self.bar = tqdm(total=last, initial=start, dynamic_ncols=True, unit="step",
+                        disable=not (accelerator.is_main_process and show_bar))
+        if accelerator.is_main_process:
+            self._truncate_after(start)
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop the lines a killed run logged after the checkpoint this run resumes from."""
+        if not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def record(self, step: int, out: StepOutput, images: int) -> None:
+        if not self.names:
+            self.names = ["loss", *out.metrics]
+        values = torch.stack([out.loss.detach().float(), *(v.detach().float() for v in out.metrics.values())])
+        self.pending.append((step, values))
+        self.images += images
+        self.bar.update(1)
+
+    def flush(self, done: int, epoch: int, extra: dict[str, float]) -> None:
+        """Check and log the steps recorded since the last flush (``done`` steps in all)."""
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        values = self.accelerator.reduce(torch.stack([v for _, v in self.pending]), reduction="mean").cpu().numpy()
+        self.pending.clear()
+        bad = ~np.isfinite(values).all(axis=1)
+        if bad.any():
+            row = int(np.argmax(bad))
+            losses = ", ".join(f"{n}={v:.6g}" for n, v in zip(self.names, values[row]))
+            raise NonFiniteLoss(f"non-finite loss at step {steps[row]} (0-based; {losses}); training stopped "
+                                "and no checkpoint was written after it: the last good checkpoint is intact")
+        now = time.perf_counter()
+        images_per_s = self.images * self.accelerator.num_processes / max(now - self.clock, 1e-9)
+        self.images, self.clock = 0, now
+        line = {"step": done, "epoch": epoch, **dict(zip(self.names, values.mean(axis=0).tolist())),
+                **extra, "images_per_s": images_per_s}
+        self.bar.set_postfix(loss=f"{line['loss']:.4f}", img_s=f"{images_per_s:.1f}")
+        self.accelerator.log({k: v for k, v in line.items() if k != "step"}, step=done)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; infinity for a line cut short by a kill (then dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+# --- the run ---------------------------------------------------------------------------------------
+def check_run_dir(config: RunConfig, resume: Optional[str], accelerator: Accelerator) -> Optional[Path]:
+    """Refuse to start over an existing run; the checkpoint to resume from (warning about the
+    settings that changed since)."""
+    run_dir = Path(config.train.output_dir)
+    checkpoint = resolve_checkpoint(resume, run_dir) if resume else None
+    if checkpoint is None and list_checkpoints(run_dir / CHECKPOINTS):
+        raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                        "or choose another --output_dir")
+    if checkpoint is not None:
+        saved = checkpoint / CONFIG_FILE
+        if saved.is_file():
+            changed = config_differences(config_from_dict(read_json(saved)), config)
+            if changed and accelerator.is_main_process:
+                print("warning: resuming with settings that differ from the checkpoint's:\n  "
+                      + "\n  ".join(changed), file=sys.stderr)
+    return checkpoint
+
+
+def tracker_config(config: RunConfig) -> dict[str, Any]:
+    """The flat configuration as TensorBoard hyper-parameters (numbers, strings, booleans)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config).items()}
+
+
+def train(config: RunConfig, resume: Optional[str] = None) -> None:
+    """Run (or continue) the pre-training described by ``config``."""
+    cfg = config.train
+    cfg.validate()
+    accelerator = make_accelerator(cfg)
+    checkpoint = check_run_dir(config, resume, accelerator)
+    accelerator.print(f"configuration ({accelerator.num_processes} process(es), {accelerator.device}):\n"
+                      + describe(config))
+
+    set_seed(cfg.seed)  # the same initial weights in every process
+    method: Method = METHODS[config.method].method(config.method_config)
+    set_seed(cfg.seed, device_specific=True)  # then different drop-path draws per process
+    source = build_source(cfg, method, accelerator)
+    if accelerator.is_main_process:  # the settings are usable: record them with the run
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        save_config(config, Path(cfg.output_dir) / CONFIG_FILE)
+    steps_per_epoch = len(source)
+    total_steps = cfg.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    images_per_slot = method.data_spec().images_per_slot
+    schedules = make_schedules(cfg, steps_per_epoch, accelerator.num_processes, images_per_slot)
+    if cfg.channels_last:
+        method.to(memory_format=torch.channels_last)
+    method.to(accelerator.device)
+    optimizer = build_optimizer(method, cfg, accelerator.device)
+    model, optimizer = accelerator.prepare(method, optimizer)
+    trainable = [p for p in method.parameters() if p.requires_grad]
+    checkpointer = Checkpointer(accelerator, Path(cfg.output_dir) / CHECKPOINTS, cfg.keep_last, objects=[source])
+
+    start = 0
+    if checkpoint is not None:
+        state = checkpointer.load(checkpoint)
+        start = int(state["step"])
+        if state.get("steps_per_epoch") != steps_per_epoch:
+            accelerator.print(f"warning: the checkpoint had {state.get('steps_per_epoch')} steps per epoch, this run "
+                              f"has {steps_per_epoch}: schedules continue at step {start} of the new length")
+        accelerator.print(f"resumed from {checkpoint} at step {start}")
+    accelerator.init_trackers("pretrain", config=tracker_config(config))
+    accelerator.print(f"{type(source).__name__}: {steps_per_epoch} steps per epoch x {cfg.epochs} epochs; "
+                      f"running steps {start}..{last_step - 1}")
+
+    def trainer_state(done: int) -> dict[str, Any]:
+        return {"step": done, "epoch": done // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps, "world": accelerator.num_processes, "method": config.method}
+
+    monitor = Monitor(accelerator, Path(cfg.output_dir), start, last_step, cfg.progress_bar)
+    generator = torch.Generator(device=accelerator.device)
+    stream = endless(source)
+    saved_at = start
+    try:
+        for step in range(start, last_step):
+            progress = Progress(step, total_steps, step // steps_per_epoch, steps_per_epoch)
+            set_schedules(optimizer, float(schedules["lr"][step]), float(schedules["wd"][step]))
+            batch = next(stream)
+            generator.manual_seed(seed_of(cfg.seed, accelerator.process_index, step))
+            views = method.make_views(batch, generator)
+            method.on_step_start(progress)
+            out = model(views)
+            accelerator.backward(out.loss)
+            method.before_optimizer_step(progress)
+            if cfg.clip_grad > 0:
+                accelerator.unscale_gradients()
+                clip_gradients(trainable, cfg.clip_grad, cfg.clip_mode)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.after_step(progress)
+
+            done = step + 1
+            monitor.record(step, out, len(batch))
+            save = checkpoint_due(done, steps_per_epoch, cfg) or done == last_step
+            if save or done % cfg.log_every == 0:
+                values = {"lr": float(schedules["lr"][step]), "wd": float(schedules["wd"][step]),
+                          **method.log_values()}
+                monitor.flush(done, progress.epoch, values)  # raises on a non-finite loss
+            if save:
+                checkpointer.save(trainer_state(done), {CONFIG_FILE: config.to_dict()})
+                saved_at = done
+    finally:
+        monitor.close()
+        accelerator.end_training()
+    accelerator.print(f"done: {last_step} of {total_steps} steps; last checkpoint at step {saved_at} "
+                      f"in {Path(cfg.output_dir) / CHECKPOINTS}")
+
+
+def entry_point() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,71 @@
+"""Per-iteration schedules, computed up front for the whole run as DINO's ``main_dino.py`` does.
+
+Every schedule is a float64 numpy array with one value per optimizer step (``epochs *
+steps_per_epoch`` entries); step ``i`` of the run reads entry ``i``. Computing them up front
+makes a resumed run read exactly the values an uninterrupted run would have read, and makes the
+curves easy to check and plot.
+
+- :func:`cosine_schedule`: optional linear warm-up from ``warmup_start`` to ``base``, then a
+  half cosine from ``base`` down (or up) to ``final``. The learning rate (warm-up 10 epochs, then
+  cosine to ``min_lr``), the weight decay (0.04 -> 0.4, no warm-up) and the teacher momentum
+  (0.996 -> 1, no warm-up) are all this shape.
+- :func:`warmup_constant_schedule`: linear from ``start`` to ``value`` over the warm-up, then
+  constant; the teacher temperature.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def cosine_schedule(
+    base: float,
+    final: float,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    warmup_start: float = 0.0,
+) -> np.ndarray:
+    """``(epochs * steps_per_epoch,)`` values: linear warm-up, then cosine from ``base`` to ``final``.
+
+    Warm-up covers the first ``round(warmup_epochs * steps_per_epoch)`` steps, going linearly
+    from ``warmup_start`` (at step 0) towards ``base`` (reached at the first step after it).
+    After it, step ``i`` of the ``n`` remaining steps is
+    ``final + (base - final) * (1 + cos(pi * i / n)) / 2``: ``base`` at the first step after the
+    warm-up, approaching ``final`` at the last one (which is ``final`` only in the limit, as
+    in DINO).
+    """
+    total = int(epochs) * int(steps_per_epoch)
+    warmup = min(total, int(round(warmup_epochs * steps_per_epoch)))
+    ramp = warmup_start + (base - warmup_start) * np.arange(warmup) / max(warmup, 1)
+    remaining = np.arange(total - warmup)
+    cosine = final + 0.5 * (base - final) * (1.0 + np.cos(math.pi * remaining / max(len(remaining), 1)))
+    return np.concatenate([ramp, cosine]).astype(np.float64)
+
+
+def warmup_constant_schedule(
+    start: float, value: float, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0
+) -> np.ndarray:
+    """``(epochs * steps_per_epoch,)`` values: linear from ``start`` to ``value`` over the first
+    ``round(warmup_epochs * steps_per_epoch)`` steps, then ``value``.
+
+    The warm-up ramp includes both ends (``start`` at step 0, ``value`` at the last warm-up
+    step), as DINO's ``np.linspace`` teacher-temperature warm-up does; DINO steps it once per
+    epoch, here it moves every step.
+    """
+    total = int(epochs) * int(steps_per_epoch)
+    warmup = min(total, int(round(warmup_epochs * steps_per_epoch)))
+    ramp = np.linspace(start, value, warmup)
+    return np.concatenate([ramp, np.full(total - warmup, value)]).astype(np.float64)
+
+
+def scaled_learning_rate(lr: float, total_batch: int, rule: str) -> float:
+    """The peak learning rate for ``total_batch`` images per step: ``lr * total_batch / 256``
+    under the ``linear`` rule (DINO, PASS), ``lr`` unchanged under ``none``."""
+    if rule == "linear":
+        return lr * total_batch / 256.0
+    if rule == "none":
+        return lr
+    raise ValueError(f"unknown learning-rate scaling rule {rule!r}")
