@@ -16,7 +16,7 @@ from pipelines.sources import make_source
 from shards.build import build
 from shards.errors import UserError
 from shards.synthetic import generate
-from train.methods.mmgl import MMGL, MMGLConfig, mmgl_tiny, require_both_modalities
+from train.methods.mmgl import MMGL, MMGLConfig, mmgl_tiny
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -136,10 +136,8 @@ def mmgl_shards(tmp_path_factory):
 def test_a_single_modality_split_is_refused_before_training(mmgl_shards, tmp_path):
     rgb_only = mmgl_shards / "shards_rgb"
     with pytest.raises(UserError, match="no infrared image"):
-        require_both_modalities(rgb_only, "train")
-    require_both_modalities(mmgl_shards / "shards", "train")  # both present: no error
-    with pytest.raises(UserError, match="infrared"):
-        make_source(rgb_only, "train", batch_size=4, size=(96, 48), device="cpu", sampler="pairs")
+        make_source(rgb_only, "train", batch_size=4, size=(96, 48), device="cpu", sampler="pairs",
+                    budget_bytes=0)  # a cache that could hold nothing: the refusal must come first
     from train.pretrain import main
     from shards.errors import run_cli
 
@@ -168,10 +166,21 @@ LEARNING_STEPS = 1200
 LEARNING_LR = 3e-3
 
 
-def test_learning_lifts_permutation_accuracy_far_above_chance(mmgl_shards):
-    """Chance is 1/720 = 0.0014. Measured with this seed on a 2-core CPU: mean permutation
-    accuracy over the first 100 steps 0.0006, over the last 100 of 1200 steps 0.22 (0.064 after
-    900); the threshold 0.05 is 36x chance and a quarter of the measured figure."""
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, a second OpenMP thread spin-waits on a
+    busy core and made this test many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_learning_lifts_permutation_accuracy_far_above_chance(mmgl_shards, one_thread):
+    """Chance is 1/720 = 0.0014. Measured with this seed on CPU: mean permutation accuracy over
+    the first 100 steps 0.0003, over the last 100 of 1200 steps 0.30 with one thread (0.22 with
+    two: a different summation order, another trajectory); the threshold 0.05 is 36x chance and
+    under a quarter of either figure."""
     torch.manual_seed(0)
     config = mmgl_tiny()
     method = MMGL(config.method_config)

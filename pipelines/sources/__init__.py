@@ -17,13 +17,15 @@ from collections.abc import Callable
 import torch
 
 from pipelines.samplers import SAMPLERS, CrossModalSampler, IdentitySampler, PairSampler, RandomSampler, Sampler
-from pipelines.sources.base import Source, open_split, resolve_rank
+from pipelines.sources.base import Source, SplitShards, open_split, resolve_rank
 from pipelines.sources.cache import CachedSplit, CacheSource, cache_bytes, default_budget
 from pipelines.sources.dali import DaliSource, dali_available
 from pipelines.sources.wds import WdsSource
 from shards.errors import UserError
 
 SOURCES = ("auto", "dali", "wds", "cache")
+#: Samplers that put RGB and infrared images in every batch: the split must hold both.
+CROSS_MODAL_SAMPLERS = ("cross_modal", "pairs")
 CACHE_FILL_BATCH = 128
 
 
@@ -32,6 +34,21 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
     return torch.device("cpu")
+
+
+def require_modalities(checked: SplitShards, sampler: str) -> None:
+    """Refuse a split without RGB or infrared images for a cross-modal sampler, from the
+    manifest's counts alone: before any image is decoded."""
+    counts = checked.manifest.splits.get(checked.split)
+    present = {m for m, c in counts.modalities.items() if c.images} if counts else set()
+    missing = [m for m in ("rgb", "ir") if m not in present]
+    if missing:
+        names = {"rgb": "RGB", "ir": "infrared"}
+        raise UserError(
+            f"the {sampler} sampler puts RGB and infrared images in every batch, but split {checked.split!r} of "
+            f"{checked.folder} has no {' and no '.join(names[m] for m in missing)} image; use a multi-modal "
+            "dataset such as SYSU-MM01 or RegDB"
+        )
 
 
 def _sampler_for(name: str | Callable[[CachedSplit], Sampler], cached: CachedSplit, *, batch_size: int, instances: int,
@@ -96,6 +113,8 @@ def make_source(
     if not callable(sampler) and sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
     checked = open_split(shards, split, tolerate_damaged=True)
+    if sampler in CROSS_MODAL_SAMPLERS:
+        require_modalities(checked, sampler)
     need = cache_bytes(checked.total, size)
     budget = default_budget(device) if budget_bytes is None else int(budget_bytes)
     needs_cache = sampler != "random"

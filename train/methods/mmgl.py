@@ -39,15 +39,13 @@ Logged: ``loss_perm``, ``loss_pcc``, ``perm_acc`` (RGB and IR images together), 
 ``perm_acc_ir``, ``pcc_acc``. Heads and losses run in float32 under mixed precision (Sinkhorn in
 the head, the losses with autocast off).
 
-A split without both modalities cannot be paired: the ``pairs`` sampler refuses it with a
-:class:`UserError` when the source is built (after the device cache is filled, before any step);
-:func:`require_both_modalities` gives the same refusal from the manifest's counts alone, before
-anything is decoded, for callers that check first.
+A split without both modalities cannot be paired: :func:`pipelines.sources.make_source` refuses
+it for the ``pairs`` sampler with a :class:`UserError`, from the manifest's counts, before any
+image is decoded.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,7 +56,6 @@ from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream
 from pipelines.batch import Batch
 from pipelines.views.mmgl import MMGLViewBatch, MMGLViews
 from shards.errors import UserError
-from shards.manifest import load_manifest
 from train.config import RunConfig, TrainConfig, setting
 from train.losses.pcc import DEFAULT_RETRIEVAL_TEMPERATURE, DEFAULT_TAU, part_cycle_contrastive
 from train.losses.permutation import permutation_correct, permutation_loss
@@ -87,24 +84,6 @@ class MMGLConfig:
     sinkhorn_iterations: int = setting(20, "log-space Sinkhorn iterations of the permutation head")
     pad: int = setting(10, "zero padding before the random crop back to image_size")
     flip_p: float = setting(0.5, "horizontal flip probability")
-
-
-def require_both_modalities(shards: str | os.PathLike, split: str) -> None:
-    """Refuse, with a :class:`UserError`, a split that lacks RGB or infrared images.
-
-    Reads only the manifest's per-modality counts, so the error comes before any image is decoded.
-    """
-    counts = load_manifest(shards).splits.get(split)
-    if counts is None:
-        return  # an unknown split is the source's error to report, with the splits that exist
-    missing = [name for name in ("rgb", "ir") if name not in counts.modalities or counts.modalities[name].images == 0]
-    if missing:
-        have = ", ".join(f"{c.images} {m}" for m, c in counts.modalities.items()) or "no images"
-        raise UserError(
-            f"MMGL pairs an RGB and an infrared image in every batch slot, but split {split!r} of {shards} has "
-            f"no {' and no '.join({'rgb': 'RGB', 'ir': 'infrared'}[m] for m in missing)} image ({have}); "
-            "use a multi-modal dataset such as SYSU-MM01 or RegDB"
-        )
 
 
 class MMGL(Method):
@@ -233,4 +212,4 @@ def mmgl_tiny() -> RunConfig:
 MMGL_PRESETS = {"mmgl_sysu": mmgl_sysu, "mmgl_tiny": mmgl_tiny}
 
 
-__all__ = ["BACKBONES", "MMGL", "MMGLConfig", "MMGL_PRESETS", "mmgl_sysu", "mmgl_tiny", "require_both_modalities"]
+__all__ = ["BACKBONES", "MMGL", "MMGLConfig", "MMGL_PRESETS", "mmgl_sysu", "mmgl_tiny"]
