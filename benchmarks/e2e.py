@@ -20,7 +20,6 @@ PASS at the measured images/s on one device (the issue's target assumes 8 GPUs).
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from benchmarks.record import SuiteResult
 from benchmarks.registry import RunContext
 from benchmarks.timing import Measurement, cpu_seconds, synchronize
-from benchmarks.training import TrainStep, Variant, Workload, significant
+from benchmarks.training import SHARED_CPU_NOTE, TrainStep, Variant, Workload, significant
 from pipelines.sources import dali_available, make_source
 from shards.build import build
 from shards.synthetic import generate
@@ -122,8 +121,9 @@ def measure(ctx: RunContext, step: TrainStep, source, steps: int, images: int) -
         timed = round_ >= ctx.warmup
         timed_steps(step, stream, steps, images, parts if timed else None)
         if timed:
-            ctx.say(f"  {step.config.method}: run {round_ + 1 - ctx.warmup}: data {1e3 * parts.data.seconds[-1] / steps:.0f}"
-                    f" ms/step, model {1e3 * parts.model.seconds[-1] / steps:.0f} ms/step")
+            data_ms, model_ms = (1e3 * m.seconds[-1] / steps for m in (parts.data, parts.model))
+            ctx.say(f"  {step.config.method}: run {round_ + 1 - ctx.warmup}: data {data_ms:.0f} ms/step, "
+                    f"model {model_ms:.0f} ms/step")
         else:
             ctx.say(f"  {step.config.method}: warm-up run {round_ + 1} done")
     return parts
@@ -245,6 +245,7 @@ def run(ctx: RunContext) -> SuiteResult:
             "CPU run: small batches (see settings), not the presets' 64 slots / 128 images; views, DALI threads "
             "and the model share the same cores; the presets' precision and memory format, not compiled "
             "(settings: variant).")
+        result.notes.append(SHARED_CPU_NOTE)
     return result
 
 

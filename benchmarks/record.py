@@ -49,11 +49,11 @@ class SuiteResult:
         self.rows.append({
             "key": key,
             "name": name,
-            f"{per}s_per_s": round(measurement.items_per_s, 1),
+            f"{per}s_per_s": _figure(measurement.items_per_s),
             f"cpu_ms_per_{per}": round(measurement.cpu_ms_per_item, 4),
             # throughput per core-second of CPU: what a figure would be on an idle machine,
             # whatever share of the cores other jobs took during the run
-            f"{per}s_per_cpu_s": round(1e3 / measurement.cpu_ms_per_item, 1),
+            f"{per}s_per_cpu_s": _figure(1e3 / measurement.cpu_ms_per_item),
             "seconds_median": round(measurement.seconds_median, 4),
             "seconds_all": [round(s, 4) for s in measurement.seconds],
             "items": measurement.items[0],
@@ -70,6 +70,12 @@ class SuiteResult:
         value = self.row(numerator)[metric] / self.row(denominator)[metric]
         self.ratios.append({"name": name, "numerator": numerator, "denominator": denominator, "metric": metric,
                             "value": round(value, 3), "target": target})
+
+
+def _figure(value: float) -> float:
+    """A rate for the JSON: one decimal, and at least 4 significant digits for small rates (a
+    ViT-S step on a CPU makes fractions of an image per second; ratios are taken of these)."""
+    return round(value, 1) if abs(value) >= 1000 else float(f"{value:.4g}")
 
 
 def results_machine(device: str) -> str:
@@ -160,7 +166,7 @@ def chart(doc: dict, path: Path) -> None:
     label = dict(doc["columns"]).get(doc["primary"], doc["primary"])
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.4))
     bars = ax.barh(names, values, color="#4c72b0")
-    ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], padding=3, fontsize=8)
+    ax.bar_label(bars, labels=[_number(v) for v in values], padding=3, fontsize=8)
     ax.set_xlabel(label)
     ax.set_title(f"{doc['suite']}: {doc['title']}\n{doc['machine']['name']}, median of "
                  f"{doc['settings'].get('repeats')} after {doc['settings'].get('warmup')} warm-up", fontsize=9)

@@ -26,8 +26,9 @@ import torch
 
 from benchmarks.record import SuiteResult
 from benchmarks.registry import RunContext
-from benchmarks.timing import Case, side_by_side
-from benchmarks.training import StepClock, TrainStep, Variant, Workload, count_flops, peak_tflops, significant
+from benchmarks.timing import Case, Measurement, side_by_side
+from benchmarks.training import (SHARED_CPU_NOTE, StepClock, TrainStep, Variant, Workload, count_flops,
+                                 peak_tflops, significant)
 from pipelines.sources import dali_available, make_source
 from train.methods import METHODS
 from train.methods.base import DataSpec
@@ -74,7 +75,8 @@ def data_spec(workload: Workload) -> DataSpec:
 
 
 def variants(method: str, compile_ok: bool) -> list[Variant]:
-    """fp32 eager, each switch alone, then the tuned variant (every switch that applies)."""
+    """fp32 eager, bf16, channels-last alone and with bf16 (convolutional models), then, when
+    ``compile_ok``, bf16 + channels-last (where it applies) compiled."""
     conv = method == "mmgl"  # channels-last only matters to convolutions
     chosen = [Variant(), Variant(bf16=True)]
     if conv:
@@ -82,6 +84,17 @@ def variants(method: str, compile_ok: bool) -> list[Variant]:
     if compile_ok:
         chosen.append(Variant(bf16=True, channels_last=conv, compile=True))
     return chosen
+
+
+def figures(measurement: Measurement, log: StepLog, flops: int, steps: int, repeats: int,
+            peak: float | None) -> dict:
+    """A row's step figures: median step ms, model TFLOP/s over the wall time, MFU with a peak."""
+    tflops = flops / (measurement.seconds_median / steps) / 1e12
+    out = {"step_ms": round(1e3 * log.timed_median(repeats), 2), "model_tflop_per_s": significant(tflops),
+           "flops_per_step": flops, "steps_per_run": steps}
+    if peak is not None:
+        out["mfu_percent"] = significant(100 * tflops / peak)
+    return out
 
 
 def model_alone(step: TrainStep, views, steps: int, images: int, log: StepLog) -> Case:
@@ -139,32 +152,21 @@ def run_workload(ctx: RunContext, workload: Workload, steps: int, result: SuiteR
     views = first.views(next(stream))  # the model-alone views: made once, kept on the device
     flops = count_flops(first, views)  # one eager step, before anything is timed
 
-    logs, cases = {}, {}
-    for v in chosen:
-        logs[f"{v.key}_alone"] = StepLog()
-        cases[f"{workload.name}_{v.key}_alone"] = model_alone(trainers[v.key], views, steps, images,
-                                                              logs[f"{v.key}_alone"])
-    for v in dict.fromkeys((baseline, tuned)):
-        logs[f"{v.key}_full"] = StepLog()
-        cases[f"{workload.name}_{v.key}_full"] = full_pipeline(trainers[v.key], stream, steps, images,
-                                                               logs[f"{v.key}_full"])
+    cases, rows = {}, {}  # rows: case key -> (variant, pipeline, its per-step log)
+    for v, pipeline in [(v, "alone") for v in chosen] + [(v, "full") for v in dict.fromkeys((baseline, tuned))]:
+        key, log = f"{workload.name}_{v.key}_{pipeline}", StepLog()
+        make = model_alone if pipeline == "alone" else full_pipeline
+        cases[key] = make(trainers[v.key], views if pipeline == "alone" else stream, steps, images, log)
+        rows[key] = (v, pipeline, log)
     ctx.say(f"  {workload.title}: {images} images per step, {flops / 1e9:.1f} GFLOP per step, source {kind}")
     measured = side_by_side(cases, warmup=ctx.warmup, repeats=ctx.repeats, device=device, say=ctx.say)
 
-    peak = peak_tflops(device)
     for key, measurement in measured.items():
-        variant_key, kind_of_row = key[len(workload.name) + 1:].rsplit("_", 1)
-        variant = next(v for v in chosen if v.key == variant_key)
-        step_s = logs[f"{variant_key}_{kind_of_row}"].timed_median(ctx.repeats)
-        seconds_per_step = measurement.seconds_median / steps
-        tflops = flops / seconds_per_step / 1e12
-        extra = {"step_ms": round(1e3 * step_s, 2), "model_tflop_per_s": significant(tflops),
-                 "flops_per_step": flops, "steps_per_run": steps, "method": workload.name, "variant": variant_key,
-                 "pipeline": kind_of_row}
-        if peak is not None:
-            extra["mfu_percent"] = significant(100 * tflops / peak)
-        what = "model alone, views in memory" if kind_of_row == "alone" else f"full pipeline ({kind} source + views)"
-        result.add_row(key, f"{workload.title}, {variant.label}: {what}", measurement, **extra)
+        variant, pipeline, log = rows[key]
+        what = "model alone, views in memory" if pipeline == "alone" else f"full pipeline ({kind} source + views)"
+        result.add_row(key, f"{workload.title}, {variant.label}: {what}", measurement,
+                       **figures(measurement, log, flops, steps, ctx.repeats, peak_tflops(device)),
+                       method=workload.name, variant=variant.key, pipeline=pipeline)
 
     target = FULL_STEP_TARGET if device.type == "cuda" else None
     for v in dict.fromkeys((baseline, tuned)):
@@ -214,6 +216,7 @@ def run(ctx: RunContext) -> SuiteResult:
             "CPU run: the full-step target (>= 0.95 of model alone) is a GPU target. On the CPU the source "
             "(DALI threads), the views (Kornia) and the model share the same cores, so the ratio measures the "
             "data path's share of the CPU, not starvation. Batches are small (see settings) to bound the run.")
+        result.notes.append(SHARED_CPU_NOTE)
     for workload in workloads:
         if result.settings[workload.name]["compile_skipped"]:
             result.notes.append(f"No compiled variant of {workload.title}: "

@@ -95,7 +95,7 @@ def side_by_side(cases: dict[str, Case], *, warmup: int, repeats: int, device: s
             if timed:
                 results[name].add(seconds, cpu, items)
             say(f"  {'round' if timed else 'warm-up'} {round_ + 1 - (warmup if timed else 0)}: {name:28s} "
-                f"{items / seconds:9.0f} items/s  {1e3 * cpu / items:7.3f} ms CPU/item")
+                f"{items / seconds:9.1f} items/s  {1e3 * cpu / items:7.3f} ms CPU/item")
     return results
 
 

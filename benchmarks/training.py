@@ -3,14 +3,11 @@ the way :mod:`train.pretrain`'s loop takes it, and the clocks and FLOP counts ar
 
 :class:`TrainStep` builds the method from a preset (:func:`train.config.resolve_config`) and its
 optimizer and schedules with the loop's own functions (``build_optimizer``, ``make_schedules``,
-``set_schedules``, ``clip_gradients``), then runs the loop's step on ready views::
-
-    set_schedules; method.on_step_start; out = model(views) under autocast; out.loss.backward()
-    method.before_optimizer_step; clip_gradients; optimizer.step(); zero_grad; method.after_step
-
-The loop runs that sequence through accelerate (``accelerator.backward``, its autocast and its
+``set_schedules``), then takes the loop's own step, :func:`train.pretrain.training_step`, on
+ready views. The loop runs it through accelerate (``accelerator.backward``, its autocast and its
 ``torch.compile``); with bf16 (no loss scaler) and one process those are the plain calls used
-here, so the benchmark times the same kernels without an accelerate ``Accelerator``.
+here (``loss.backward()``, an autocast around the forward), so the benchmark times the same
+kernels without an accelerate ``Accelerator``.
 
 A :class:`Variant` switches bf16 autocast, channels-last weights and ``torch.compile`` (inductor)
 on or off. FLOPs are counted once per workload with :class:`torch.utils.flop_counter.FlopCounterMode`
@@ -31,12 +28,20 @@ from pipelines.batch import Batch
 from train.config import RunConfig, resolve_config
 from train.methods import METHODS
 from train.methods.base import Method, Progress
-from train.pretrain import build_optimizer, clip_gradients, make_schedules, set_schedules
+from train.pretrain import build_optimizer, make_schedules, set_schedules, training_step
 
 #: Dense bf16 tensor-core peak, TFLOP/s, by a substring of ``torch.cuda.get_device_name``
 #: (vendor data sheets, SXM parts; first match wins, so the PCIe H100 comes before the H100).
 PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
-                    ("RTX 4090", 165.2), ("A10G", 70.0))
+                    ("RTX 4090", 165.2))
+
+
+#: What a CPU run's reader must know about its figures (both suites add it to their notes).
+SHARED_CPU_NOTE = ("On a shared CPU the figures move with other jobs' load: torch's OpenMP threads wait for "
+                   "descheduled peers, which stretches wall and CPU time alike (seen on the 2-core machine: the "
+                   "same ResNet-50 fp32 step took 0.97 s in one run and 3.6 s in another minutes later, and one "
+                   "ViT-S step repeated on the same views 4 to 20 s at load 5); read them with the recorded "
+                   "load averages.")
 
 
 @dataclass(frozen=True)
@@ -118,20 +123,13 @@ class TrainStep:
         return Progress(step, self.total_steps, step // self.steps_per_epoch, self.steps_per_epoch)
 
     def __call__(self, views) -> None:
+        """One step of the loop's own sequence (:func:`train.pretrain.training_step`)."""
         progress = self._progress()
         set_schedules(self.optimizer, float(self.schedules["lr"][progress.step]),
                       float(self.schedules["wd"][progress.step]))
-        self.method.on_step_start(progress)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.variant.bf16 else nullcontext()
-        with autocast:
-            out = self.model(views)
-        out.loss.backward()
-        self.method.before_optimizer_step(progress)
-        if self.config.train.clip_grad > 0:
-            clip_gradients(self.trainable, self.config.train.clip_grad, self.config.train.clip_mode)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.method.after_step(progress)
+        autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if self.variant.bf16 else nullcontext
+        training_step(self.model, self.method, self.optimizer, views, progress, self.config.train, self.trainable,
+                      backward=torch.Tensor.backward, forward_context=autocast)
         self.taken += 1
 
 
@@ -187,5 +185,5 @@ class StepClock:
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
 
 
-__all__ = ["MODEL_NAMES", "PEAK_BF16_TFLOPS", "StepClock", "TrainStep", "Variant", "Workload", "count_flops",
-           "peak_tflops", "significant"]
+__all__ = ["MODEL_NAMES", "PEAK_BF16_TFLOPS", "SHARED_CPU_NOTE", "StepClock", "TrainStep", "Variant", "Workload",
+           "count_flops", "peak_tflops", "significant"]

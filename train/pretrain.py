@@ -35,9 +35,10 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import numpy as np
 import torch
@@ -210,6 +211,38 @@ def clip_gradients(parameters: list[torch.nn.Parameter], max_norm: float, mode: 
     torch._foreach_mul_(grads, list(scales.unbind()))
 
 
+def training_step(
+    model: Callable[[Any], StepOutput],
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    views: Any,
+    progress: Progress,
+    cfg: TrainConfig,
+    trainable: list[torch.nn.Parameter],
+    backward: Callable[[torch.Tensor], None],
+    unscale: Callable[[], None] = lambda: None,
+    forward_context: Callable[[], ContextManager] = nullcontext,
+) -> StepOutput:
+    """One optimization step on ready views: the method's hooks around forward, backward,
+    clipping and the optimizer step (the contract in :mod:`train.methods.base`).
+
+    ``model`` is the method as prepared (DDP, compiled) or the method itself; ``backward`` and
+    ``unscale`` are accelerate's (or plain ``loss.backward()`` and nothing, as in the step
+    benchmark); ``forward_context`` wraps the forward (an autocast where accelerate does not)."""
+    method.on_step_start(progress)
+    with forward_context():
+        out = model(views)
+    backward(out.loss)
+    method.before_optimizer_step(progress)
+    if cfg.clip_grad > 0:
+        unscale()
+        clip_gradients(trainable, cfg.clip_grad, cfg.clip_mode)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    method.after_step(progress)
+    return out
+
+
 def endless(source: Source) -> Iterator[Batch]:
     """Batches across epochs: the source moves to its next epoch when one is exhausted."""
     while True:
@@ -372,16 +405,8 @@ def train(config: RunConfig, resume: Optional[str] = None) -> None:
             batch = next(stream)
             generator.manual_seed(seed_of(cfg.seed, accelerator.process_index, step))
             views = method.make_views(batch, generator)
-            method.on_step_start(progress)
-            out = model(views)
-            accelerator.backward(out.loss)
-            method.before_optimizer_step(progress)
-            if cfg.clip_grad > 0:
-                accelerator.unscale_gradients()
-                clip_gradients(trainable, cfg.clip_grad, cfg.clip_mode)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.after_step(progress)
+            out = training_step(model, method, optimizer, views, progress, cfg, trainable,
+                                backward=accelerator.backward, unscale=accelerator.unscale_gradients)
 
             done = step + 1
             monitor.record(step, out, len(batch))
