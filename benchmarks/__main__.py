@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.record import DEFAULT_RESULTS, report, save
+from benchmarks.record import DEFAULT_RESULTS, PROJECT_README, report, save
 from benchmarks.registry import SUITES, RunContext
 from benchmarks.timing import load_average
 
@@ -58,15 +58,20 @@ def _run(args: argparse.Namespace, command: str) -> int:
             result.settings.update(load_average_before=before, load_average_after=load_average())
             path = save(result, args.results, command=command, device=args.device)
             ctx.say(f"saved {path} (+ .md, .png)")
-    print(report(args.results, list(SUITES)))
+    print(report(args.results, list(SUITES), readme=_project_readme(args.results)))
     return 0
+
+
+def _project_readme(results: Path) -> Path | None:
+    """The project README when the committed results are rebuilt (not a scratch ``--results``)."""
+    return PROJECT_README if Path(results).resolve() == DEFAULT_RESULTS.resolve() else None
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     if args.command == "report":
-        print(report(args.results, list(SUITES)))
+        print(report(args.results, list(SUITES), readme=_project_readme(args.results)))
         return 0
     return _run(args, "python -m benchmarks " + " ".join(argv))
 

@@ -144,3 +144,16 @@ def test_side_by_side_times_rounds_after_warmup():
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
     assert main(["run", "--suite", "decode", "--device", "cuda", "--quick", "--results", str(tmp_path)]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_report_rewrites_only_the_readme_results_section(tmp_path):
+    from benchmarks.record import README_MARKERS, update_readme
+
+    readme = tmp_path / "README.md"
+    begin, end = README_MARKERS
+    readme.write_text(f"# Title\n\nintro\n{begin}\nold table\n{end}\n\n## After\n")
+    assert update_readme(readme, "| new | table |\n")
+    assert readme.read_text() == f"# Title\n\nintro\n{begin}\n| new | table |\n{end}\n\n## After\n"
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers here\n")
+    assert not update_readme(plain, "x\n") and plain.read_text() == "no markers here\n"
