@@ -21,16 +21,21 @@ Formats (:data:`FORMATS`; each is a key conversion living next to its model):
   (:func:`models.vit.to_pass_reid_state_dict`: ``part_token{k}``, ``cls_pos``, ``part{k}_pos``,
   ``pos_embed`` of the patches only).
 
-To add a format (e.g. ``torchvision`` / ``agw`` for ResNet checkpoints): put the key conversion
-in the model's file and add an :class:`ExportFormat` to :data:`FORMATS` naming the backbone
-module it applies to.
+- ``torchvision`` / ``torchvision_rgb`` / ``agw`` (ResNet backbones, :mod:`models.resnet`):
+  torchvision's ResNet-50 keys (a one-stream model; ``torchvision_rgb`` keeps the RGB stem of a
+  two-stream one) and the AGW ``embed_net`` keys (load with ``strict=False``).
+
+To add a format: put the key conversion in the model's file and add an :class:`ExportFormat` to
+:data:`FORMATS` naming the backbone module it applies to.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,19 +126,45 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike) -> P
     else:
         payload = chosen.convert(backbone.state_dict)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'backbone.pth'}")
     tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)  # never a half-written export under the final name
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:  # opened here: a clear OSError (torch.save's own is a RuntimeError)
+            torch.save(payload, f)
+        os.replace(tmp, out)  # never a half-written export under the final name
+    except OSError as err:
+        with contextlib.suppress(OSError):  # absent, or its folder is not one
+            tmp.unlink()
+        where = f" ({err.filename})" if err.filename else ""
+        raise UserError(f"cannot write the export to {out}: {err.strerror or err}{where}") from None
     return out
+
+
+def read_weights_file(path: str | Path) -> Any:
+    """What a weights file holds (``.safetensors``, or ``torch.load`` with ``weights_only``);
+    a missing or unreadable file is a one-line :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file: a user error, whatever the loader raised
+        # torch.load's messages run over many lines (and suggest weights_only=False): keep the gist.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = "not a weights file (tensors saved with torch.save or safetensors)" if isinstance(
+            err, pickle.UnpicklingError) else (lines[0] if lines else type(err).__name__)
+        raise UserError(f"cannot read weights from {path}: {reason}") from None
 
 
 def load_backbone(path: str | os.PathLike) -> nn.Module:
     """Rebuild and load a ``native`` export: the backbone module, weights loaded strictly."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
-        raise UserError(f"cannot read the export {path}: {err}") from None
+    payload = read_weights_file(path)
     if not isinstance(payload, dict) or payload.get("format") != NATIVE_FORMAT:
         raise UserError(f"{path} is not a native export (written by `python -m models.export --format native`)")
     spec = payload["backbone"]
@@ -176,4 +207,4 @@ if __name__ == "__main__":
     entry_point()
 
 
-__all__ = ["ExportFormat", "ExportedBackbone", "FORMATS", "export", "load_backbone", "read_backbone"]
+__all__ = ["ExportFormat", "ExportedBackbone", "FORMATS", "export", "load_backbone", "read_backbone", "read_weights_file"]

@@ -90,6 +90,8 @@ def build(
     """
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {shard_size}")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers must not be negative, got {workers} (0: all cores)")
     workers = workers or os.cpu_count() or 1
     root, out = Path(root).expanduser().resolve(), Path(out).expanduser().resolve()
     say = _messenger(progress)

@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                    help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
     b.add_argument("--workers", type=int, default=os.cpu_count(),
-                   help=f"worker processes (default: all {os.cpu_count()} cores)")
+                   help=f"worker processes (default and 0: all {os.cpu_count()} cores)")
     b.add_argument("--strict", action="store_true", help="fail on any unreadable or corrupt input instead of skipping it")
     b.add_argument("--overwrite", action="store_true", help="replace shards of another build in --out")
     b.add_argument("--quiet", action="store_true", help="no progress bars or summary")

@@ -292,3 +292,20 @@ def test_merge_trials_averages_separate_runs():
     (merged,) = merge_trials([run(1, 0.5, 0.4), run(2, 1.0, 0.6)])
     assert merged.trials == [1, 2] and merged.rank(1) == pytest.approx(0.75) and merged.mAP == pytest.approx(0.5)
     assert [p["trial"] for p in merged.per_trial] == [1, 2]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "cuda:99"], "--device cuda:99"),
+    (["--device", "nonsense"], "not a device name"),
+    (["--out", "."], "is a folder"),
+    (["--out", "blocker/results.json"], "cannot write --out"),
+])
+def test_bad_device_or_out_is_one_line_error_before_any_work(tmp_path, capsys, monkeypatch, extra, message):
+    from shards.errors import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    argv = ["--checkpoint", "x.pt", "--shards", str(tmp_path / "none"), "--protocol", "sysu", *extra]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

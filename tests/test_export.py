@@ -102,3 +102,16 @@ def test_cli_and_errors(run, tmp_path, capsys):
         export(run, "onnx", tmp_path / "c.pth")
     with pytest.raises(UserError, match="not a native export"):
         load_backbone(tmp_path / "a.pth")
+
+
+def test_unwritable_out_is_a_one_line_error_and_leaves_no_temporary(run, tmp_path, capsys):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert run_cli(export_main, [str(run), "--out", str(folder)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert run_cli(export_main, [str(run), "--out", str(blocker / "backbone.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the export") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "exports"]  # no .tmp left behind

@@ -157,3 +157,28 @@ def test_cli_prints_a_one_line_error(tmp_path, capsys):
     assert run_cli(main, ["--shards", str(tmp_path / "none"), "--init", "random", "--preset", "agw-tiny"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_a_file_that_is_not_weights_is_a_one_line_error(tmp_path):
+    not_weights = tmp_path / "notes.pth"
+    not_weights.write_text('{"not": "weights"}\n')
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"w": torch.zeros(3)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    for path in (not_weights, truncated):
+        with pytest.raises(UserError, match="cannot read weights") as caught:
+            load_backbone(resnet_tiny_test(), path)
+        assert "\n" not in str(caught.value) and "weights_only=False" not in str(caught.value)
+        with pytest.raises(UserError, match="cannot read weights") as caught:
+            load_for_evaluation(path, device="cpu")  # train.evaluate's way in
+        assert "\n" not in str(caught.value)
+
+
+def test_class_labels_flag_foreign_pids_without_a_host_sync():
+    from train.finetune import class_labels
+
+    known = torch.tensor([3, 7, 11])
+    labels, foreign = class_labels(torch.tensor([11, 3, 7, 7]), known)
+    assert labels.tolist() == [2, 0, 1, 1] and foreign.ndim == 0 and not bool(foreign)
+    _, foreign = class_labels(torch.tensor([3, 5]), known)  # flagged on the device, not raised here
+    assert bool(foreign)

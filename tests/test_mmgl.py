@@ -146,6 +146,18 @@ def test_a_single_modality_split_is_refused_before_training(mmgl_shards, tmp_pat
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_a_single_slot_batch_is_a_one_line_error(mmgl_shards, tmp_path, capsys):
+    from train.pretrain import main
+    from shards.errors import run_cli
+
+    argv = ["--method", "mmgl", "--preset", "mmgl_tiny", "--shards", str(mmgl_shards / "shards"),
+            "--batch_size", "1", "--progress_bar", "false", "--output_dir", str(tmp_path / "r")]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err
+    assert "error: MMGL needs --batch_size of at least 2 slots" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
 def test_tiny_preset_through_the_loop_and_agw_export(mmgl_shards, tmp_path):
     from models.export import export
     from train.pretrain import main

@@ -64,6 +64,7 @@ def test_verify_exit_code_names_the_bad_shard(tmp_path, capsys):
         (["build", "--layout", "sysu-mm01", "--root", "/no/such/dataset", "--out", "OUT"], "does not exist"),
         (["verify", "/no/such/shards"], "does not exist"),
         (["inspect", "."], "not a shard folder"),
+        (["build", "--layout", "folder", "--root", ".", "--out", "OUT", "--workers", "-1"], "--workers must not"),
     ],
 )
 def test_user_mistakes_get_one_line(tmp_path, capsys, argv, message):

@@ -242,13 +242,21 @@ def test_truncated_shard_dali_refuses_naming_it(copy):
         make_source(copy, "train", source="dali", batch_size=16, size=(H, W), device="cpu")
 
 
+@pytest.mark.parametrize("source", ["auto", "wds", "cache"])
+def test_truncated_shard_is_refused_by_default(copy, source):
+    """Training refuses damaged shards unless told to skip them (DESIGN.md section 8)."""
+    truncate(copy)
+    with pytest.raises(UserError, match=r"train-000001\.tar.*shards verify"):
+        make_source(copy, "train", source=source, batch_size=16, size=(H, W), device="cpu")
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_truncated_shard_wds_warns_skips_and_counts(copy, workers):
     truncate(copy)
     lost = next(s.samples for s in load_manifest(copy).shards if s.file == "train-000001.tar")
     with pytest.warns(UserWarning, match=r"train-000001\.tar"):
         src = make_source(copy, "train", source="wds", batch_size=16, size=(H, W), device="cpu", rank=0, world=1,
-                          num_workers=workers)
+                          num_workers=workers, skip_damaged=True)
     assert src.skipped == lost and src.skipped_shards == ["train-000001.tar"]
     batches = collect(src)
     assert len(batches) == len(src) == (total_of(copy) - lost) // 16

@@ -84,3 +84,13 @@ def test_single_identity_is_refused():
         batch_hard_triplet(x, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="shape"):
         weighted_regularized_triplet(x, torch.zeros(3, dtype=torch.long))
+
+
+def test_no_host_synchronization_off_the_cpu():
+    # A meta tensor has no value: reading one (bool(), .item()) raises, as a host sync would stall
+    # an accelerator every step. Both losses must build without reading any.
+    x = torch.randn(8, 16, device="meta", requires_grad=True)
+    labels = torch.zeros(8, dtype=torch.long, device="meta")
+    for loss in (batch_hard_triplet(x, labels), batch_hard_triplet(x, labels, margin=None),
+                 weighted_regularized_triplet(x, labels)):
+        assert loss.shape == () and loss.device.type == "meta"

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -506,8 +507,9 @@ def _parser() -> argparse.ArgumentParser:
                "exported backbone gives GeM (ResNet) or cat(CLS, mean PART) (ViT) features.",
     )
     parser.add_argument("--checkpoint", required=True, nargs="+", type=Path,
-                        help="a fine-tuned model (model.pt written by train.finetune) or an exported backbone "
-                             "(.pt state dict); for RegDB one fine-tuned model per trial may be given")
+                        help="a train.finetune run folder (its latest checkpoint) or checkpoint folder "
+                             "(RUN/checkpoints/step_*), or an exported backbone file (models.export); for RegDB "
+                             "one fine-tuned run per trial may be given")
     parser.add_argument("--shards", required=True, type=Path, help="shard folder built by `python -m shards build`")
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS, help="evaluation protocol")
     parser.add_argument("--trials", type=int, default=SYSU_TRIALS, help="SYSU-MM01: gallery trials 0..N-1 (default 10)")
@@ -535,6 +537,34 @@ def _regdb_trials_for(loaded, requested: list[int] | None) -> list[int] | None:
     return [loaded.regdb_trial]
 
 
+def _device(text: str | None) -> torch.device | None:
+    """``--device`` checked: a device name torch knows, CUDA only where it is available."""
+    if text is None:
+        return None
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {text!r} is not a device name (cuda, cuda:1, cpu)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {text}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be written, before any feature is extracted."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'results.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write --out {out}: {err.strerror or err} ({out.parent})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write --out {out}: its folder {out.parent} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from train.finetune import load_for_evaluation  # the model code; finetune imports this module
@@ -543,11 +573,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("several --checkpoint files are only meaningful for RegDB (one model per trial)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = _device(args.device)
+    if args.out is not None:
+        _check_writable(args.out)  # before the work, not after it
     check_protocol(load_manifest(args.shards), args.shards, args.protocol)
     started = time.perf_counter()
     runs = []
     for path in args.checkpoint:
-        loaded = load_for_evaluation(path, device=args.device, size=tuple(args.size) if args.size else None)
+        loaded = load_for_evaluation(path, device=device, size=tuple(args.size) if args.size else None)
         trials = _regdb_trials_for(loaded, args.regdb_trials) if args.protocol == "regdb" else None
         runs.append(evaluate(loaded.embed, args.shards, args.protocol, size=loaded.size, transform=loaded.transform,
                              trials=args.trials, regdb_trials=trials, batch_size=args.batch_size,
@@ -555,11 +588,13 @@ def main(argv: list[str] | None = None) -> int:
     results = runs[0] if len(runs) == 1 else merge_trials(runs)
     print(format_table(results))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         report = {"protocol": args.protocol, "checkpoints": [str(p) for p in args.checkpoint], "flip": args.flip,
                   "distance": "squared euclidean on L2-normalized features", "seconds": time.perf_counter() - started,
                   "results": [r.to_dict() for r in results]}
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        try:
+            args.out.write_text(json.dumps(report, indent=1) + "\n")
+        except OSError as err:
+            raise UserError(f"cannot write --out {args.out}: {err.strerror or err}") from None
         print(f"wrote {args.out}")
     return 0
 

@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.export import read_weights_file
 from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_tiny_test
 from models.vit import VisionTransformer, vit_base, vit_small, vit_tiny_test
 from pipelines.views.finetune import FinetuneViews
@@ -277,20 +278,13 @@ def build_backbone(arch: str, image_size: tuple[int, int]) -> nn.Module:
     return builders[arch]()
 
 
-def read_backbone_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The backbone state dict in a file (module docstring: nesting and prefixes accepted)."""
+def read_backbone_state(path: str | Path, payload: Any = None) -> dict[str, torch.Tensor]:
+    """The backbone state dict in a file (module docstring: nesting and prefixes accepted);
+    ``payload``: the file's content when already read by :func:`models.export.read_weights_file`."""
     path = Path(path)
-    if not path.is_file():
+    if payload is None and not path.is_file():
         raise UserError(f"backbone file {path} does not exist (give an export, or --init random)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: a user error, whatever the loader raised
-        raise UserError(f"cannot read backbone weights from {path}: {type(err).__name__}: {err}") from None
+    state = read_weights_file(path) if payload is None else payload
     for key in ("state_dict", "model", "backbone", "teacher"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -391,12 +385,12 @@ def training_data(config: FinetuneConfig, manifest: Manifest, rank: int, world: 
     return TrainingData("train", protocol, pids, config.sampler)
 
 
-def class_labels(pids: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """Dataset pids ``(B,)`` -> class indices ``(B,)`` in the sorted ``known`` pids ``(C,)``."""
+def class_labels(pids: torch.Tensor, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dataset pids ``(B,)`` -> class indices ``(B,)`` in the sorted ``known`` pids ``(C,)``, and
+    a 0-d bool tensor, True when a pid is not in ``known``. The flag stays on the device (the
+    loop checks it with the loss at logging steps): no host synchronization per step."""
     labels = torch.searchsorted(known, pids).clamp(max=known.numel() - 1)
-    if not bool((known[labels] == pids).all()):
-        raise RuntimeError("a training batch holds an identity outside the training identities")
-    return labels
+    return labels, (known[labels] != pids).any()
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,9 +574,12 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
         bar = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True)
     model.train()
     bad = torch.zeros((), dtype=torch.bool, device=device)
+    unknown_pid = torch.zeros((), dtype=torch.bool, device=device)
     results: list[ProtocolResult] = []
 
     def check_finite() -> None:
+        if bool(unknown_pid):
+            raise RuntimeError("a training batch held an identity outside the training identities (a sampler bug)")
         if bool(bad):
             raise UserError(f"the loss became non-finite before step {step}; stopped. The last good checkpoint is "
                             f"{checkpoint or 'none (none was saved yet)'}: lower --lr or use --precision no")
@@ -604,7 +601,8 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
             lr_now = float(factors[step])
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_now
-            labels = class_labels(batch.pid, pids)
+            labels, foreign = class_labels(batch.pid, pids)
+            unknown_pid |= foreign
             with accelerator.autocast():
                 features, logits = model(inputs, batch.modality)
                 id_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
@@ -691,13 +689,10 @@ def _exported_backbone(path: Path, size: Optional[tuple[int, int]]) -> nn.Module
     from models.export import NATIVE_FORMAT
     from models.export import load_backbone as load_native
 
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True) if path.suffix != ".safetensors" else None
-    except Exception as err:  # any unreadable file: a user error, whatever the loader raised
-        raise UserError(f"cannot read backbone weights from {path}: {type(err).__name__}: {err}") from None
+    payload = read_weights_file(path)
     if isinstance(payload, dict) and payload.get("format") == NATIVE_FORMAT:
         return load_native(path)
-    arch = infer_arch(read_backbone_state(path))
+    arch = infer_arch(read_backbone_state(path, payload))
     backbone = build_backbone(arch, tuple(size) if size else ((256, 128) if arch.startswith("vit") else (288, 144)))
     load_backbone(backbone, path)
     return backbone

@@ -86,6 +86,7 @@ def make_source(
     num_workers: int | None = None,
     shuffle_buffer: int = 1024,
     prefetch: int = 2,
+    skip_damaged: bool = False,
 ) -> Source:
     """The source for ``split`` of the shard folder ``shards``.
 
@@ -100,6 +101,10 @@ def make_source(
               ``CachedSplit -> Sampler``.
     rank, world: default from torch.distributed or ``RANK`` / ``WORLD_SIZE``.
     num_workers: webdataset DataLoader workers / DALI threads (default: all cores).
+    skip_damaged: a shard whose size differs from the manifest (truncated, rewritten) is refused
+              with a :class:`UserError` naming it; with ``skip_damaged`` the webdataset fallback
+              (and the cache, filled through it) leave it out with a warning and count what they
+              skipped, while DALI, which cannot read past a broken file safely, still refuses.
     """
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}; expected one of: {', '.join(SOURCES)}")
@@ -112,7 +117,7 @@ def make_source(
         raise UserError(f"device {device} was asked for but CUDA is not available")
     if not callable(sampler) and sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; expected one of: {', '.join(SAMPLERS)}")
-    checked = open_split(shards, split, tolerate_damaged=True)
+    checked = open_split(shards, split, tolerate_damaged=skip_damaged)
     if sampler in CROSS_MODAL_SAMPLERS:
         require_modalities(checked, sampler)
     need = cache_bytes(checked.total, size)
@@ -131,7 +136,7 @@ def make_source(
             source = "dali" if dali_available() and not checked.damaged else "wds"
     elif needs_cache and source != "cache":
         raise UserError(f"sampler {sampler!r} works with the device cache only (--source cache or auto), not {source}")
-    workers = num_workers if num_workers is not None else None
+    workers = num_workers
     common = dict(batch_size=batch_size, size=size, device=device, shuffle=shuffle, seed=seed,
                   shuffle_buffer=shuffle_buffer, prefetch=prefetch)
     if source == "dali":

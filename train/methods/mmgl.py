@@ -122,6 +122,9 @@ class MMGL(Method):
         if len(batch) % 2:
             raise ValueError(f"an MMGL batch holds B RGB then B IR images, got an odd count {len(batch)}")
         half = len(batch) // 2
+        if half < 2:  # a user setting, not a bug: say so before the first step fails inside PCC
+            raise UserError(f"MMGL needs --batch_size of at least 2 slots (PCC leaves each query out of its own "
+                            f"modality's set, so a slot needs another one), got {half}")
         return self.views(batch.images[:half], batch.images[half:], generator)
 
     def features(self, rgb: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
