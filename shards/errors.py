@@ -9,6 +9,7 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
 
@@ -16,12 +17,29 @@ class UserError(Exception):
     """An error caused by the user's input; its message says what was expected and where."""
 
 
+class DataWarning(UserWarning):
+    """A warning about the user's data (a damaged shard left out, a resumed stream that differs):
+    command-line entry points print it as one line ``warning: ...``, without the location in
+    this project's code that a plain warning starts with."""
+
+
+def _one_line_data_warnings(original: Callable[..., str]) -> Callable[..., str]:
+    def formatwarning(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, DataWarning):
+            return f"warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    return formatwarning
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run ``main(argv)``, turning :class:`UserError` and Ctrl-C into a one-line message.
 
     Returns the process exit status: ``main``'s own (0 when it returns None), 2 for a user error,
-    130 after Ctrl-C.
+    130 after Ctrl-C. While ``main`` runs, a :class:`DataWarning` prints as one line.
     """
+    original = warnings.formatwarning
+    warnings.formatwarning = _one_line_data_warnings(original)
     try:
         return main(argv) or 0
     except UserError as err:
@@ -30,3 +48,5 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = original

@@ -3,8 +3,10 @@ the SYSU-MM01 gallery draw against a re-implementation of the AGW procedure on a
 
 from __future__ import annotations
 
+import io
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from shards.errors import UserError
+from shards.manifest import load_manifest
 from train.evaluate import (
     RankMetrics,
     check_protocol,
@@ -309,3 +312,81 @@ def test_bad_device_or_out_is_one_line_error_before_any_work(tmp_path, capsys, m
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Feature extraction
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def market_shards(tmp_path_factory):
+    from shards.build import build
+    from shards.synthetic import generate
+
+    base = tmp_path_factory.mktemp("market")
+    generate("market1501", base / "data", ids=6, images_per_id=4, workers=1)
+    build("market1501", base / "data", base / "shards", shard_size=16, workers=1)
+    return base / "shards"
+
+
+def _extract(shards, split="gallery", **kwargs):
+    from train.evaluate import extract_features
+
+    return extract_features(lambda views, modality: views.flatten(1)[:, :16] + modality[:, None], shards, split,
+                            size=(32, 16), transform=lambda images: images.float() / 255, batch_size=4,
+                            source="wds", device="cpu", **kwargs)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_extraction_bar_counts_images_on_a_terminal_only(market_shards, monkeypatch):
+    images = load_manifest(market_shards).splits["gallery"].total.images
+    for progress, stream, shown in [(True, _Terminal(), True), (False, _Terminal(), False),
+                                    (True, io.StringIO(), False)]:
+        monkeypatch.setattr(sys, "stderr", stream)
+        _extract(market_shards, progress=progress)
+        assert ("img/s" in stream.getvalue()) is shown, (progress, type(stream))
+        if shown:
+            assert f"/{images} " in stream.getvalue() and "features gallery" in stream.getvalue()
+    stream = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stream)
+    _extract(market_shards, rank=1, world=2)
+    assert stream.getvalue() == ""  # process 0 only
+
+
+def test_labels_reach_the_host_in_one_copy(market_shards, monkeypatch):
+    copies = []
+    original = torch.Tensor.cpu
+
+    def counted(self, *args, **kwargs):
+        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("train", "evaluate.py")):
+            copies.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted)
+    features = _extract(market_shards, progress=False)
+    images = load_manifest(market_shards).splits["gallery"].total.images
+    assert images > 4 and len(features) == images  # several batches of 4
+    assert copies == [(images, 4)]
+
+
+def test_processes_extract_parts_that_gather_into_the_whole_split(market_shards):
+    whole = _extract(market_shards, progress=False)
+    peer: list[torch.Tensor] = []  # what process 1 gives its gather: features, then labels
+
+    def record(rows):
+        peer.append(rows)
+        return rows
+
+    part = _extract(market_shards, rank=1, world=2, gather=record, progress=False)
+    assert 0 < len(part) < len(whole)
+    given = iter(peer)
+    gathered = _extract(market_shards, rank=0, world=2, gather=lambda rows: torch.cat([rows, next(given)]),
+                        progress=False)
+    torch.testing.assert_close(gathered.features, whole.features, rtol=0, atol=0)
+    for name in ("pid", "camera", "modality", "index"):
+        assert np.array_equal(getattr(gathered, name), getattr(whole, name)), name

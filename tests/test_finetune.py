@@ -182,3 +182,156 @@ def test_class_labels_flag_foreign_pids_without_a_host_sync():
     assert labels.tolist() == [2, 0, 1, 1] and foreign.ndim == 0 and not bool(foreign)
     _, foreign = class_labels(torch.tensor([3, 5]), known)  # flagged on the device, not raised here
     assert bool(foreign)
+
+
+def test_help_gives_every_setting_its_meaning_and_the_presets_value(capsys):
+    import dataclasses
+
+    from train.finetune import FinetuneConfig, main
+
+    assert main(["--preset", "transreid-tiny", "--help"]) == 0  # no --shards / --init needed for help
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  --")}
+    for f in dataclasses.fields(FinetuneConfig):
+        assert f"--{f.name}" in lines, f.name
+    # the ViT recipe's values (DESIGN.md section 5), each with its meaning
+    assert lines["--arch"].split()[1] == "vit_tiny" and "backbone architecture" in lines["--arch"]
+    assert lines["--lr"].split()[1] == "0.0004" and "BNNeck + classifier" in lines["--lr"]
+    assert lines["--image_size"].split()[1] == "64,32"
+    assert lines["--eval_feature"].split()[1] == "pre_bn" and "BNNeck" in lines["--eval_feature"]
+    flat = " ".join(out.split())
+    assert "agw-sysu AGW's RGB-IR recipe on SYSU-MM01" in flat and "all-search protocol." in flat
+    assert "3 non-finite loss" in flat
+
+
+def test_cli_needs_shards_and_init_outside_help(capsys):
+    from train.finetune import main
+
+    assert run_cli(main, ["--preset", "agw-tiny", "--init", "random"]) == 2
+    err = capsys.readouterr().err
+    assert "--shards" in err and len(err.strip().splitlines()) == 1
+
+
+def test_results_table_is_printed_once(sysu_shards, tmp_path, capsys):
+    from train.finetune import main
+
+    argv = ["--preset", "agw-tiny", "--shards", str(sysu_shards), "--init", "random", "--tensorboard", "false",
+            "--progress_bar", "true", "--max_steps", "2", "--output_dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    header = [line for line in (captured.out + captured.err).splitlines() if line.startswith("setting ")]
+    assert len(header) == 1
+    assert "sysu all-search" in captured.out
+
+
+# Poisons the triplet loss of step 5 (0-based; the second step of epoch 1) with a NaN, then runs
+# the command line as `python -m train.finetune` does.
+NAN_DRIVER = """
+import sys
+import train.finetune as ft
+from shards.errors import run_cli
+original, calls = ft.triplet_loss, []
+def poisoned(config, features, labels):
+    calls.append(1)
+    loss = original(config, features, labels)
+    return loss * float("nan") if len(calls) == 6 else loss
+ft.triplet_loss = poisoned
+sys.exit(run_cli(ft.main))
+"""
+
+
+def test_non_finite_loss_exits_3_and_keeps_the_last_good_checkpoint(sysu_shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from train.checkpointing import list_checkpoints
+
+    repo = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    # 2 epochs of 4 steps, a checkpoint per epoch, losses checked every 2 steps: the NaN of step 5
+    # is found at step 6, before the checkpoint of step 8
+    argv = ["--preset", "agw-tiny", "--shards", str(sysu_shards), "--init", "random", *QUIET,
+            "--output_dir", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", NAN_DRIVER, *argv], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 3, done.stderr[-2000:]
+    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "Traceback" not in done.stderr
+    assert "non-finite loss at step 5" in error[0] and "triplet_loss=nan" in error[0] and "loss=nan" in error[0]
+    assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step_00000004"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    state = load_model_state(run / "checkpoints" / "step_00000004")
+    assert all(torch.isfinite(v).all() for v in state.values())
+    assert not (run / "results.json").exists()
+
+
+class _TwoRanks:
+    """accelerate's collectives as process 0 of two sees them, its peer holding ``peer`` rows:
+    ``pad_across_processes`` pads dim 0 with zeros to the longer part; ``gather`` concatenates
+    in rank order (a row count with the peer's, rows with the peer's rows padded alike)."""
+
+    def __init__(self, peer: torch.Tensor) -> None:
+        self.peer = peer
+
+    @staticmethod
+    def _padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+        return torch.cat([tensor, tensor.new_zeros(rows - len(tensor), *tensor.shape[1:])])
+
+    def pad_across_processes(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return self._padded(tensor, max(len(tensor), len(self.peer)))
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.shape == (1,):  # a row count
+            return torch.cat([tensor, torch.tensor([len(self.peer)])])
+        return torch.cat([tensor, self._padded(self.peer, len(tensor))])
+
+
+@pytest.mark.parametrize("mine_rows, peer_rows", [(3, 2), (2, 3), (2, 2)])
+def test_gather_rows_concatenates_parts_of_different_lengths(mine_rows, peer_rows):
+    from train.finetune import gather_rows
+
+    mine = torch.arange(1, 2 * mine_rows + 1).view(mine_rows, 2)
+    peer = torch.arange(101, 101 + 2 * peer_rows).view(peer_rows, 2)
+    gathered = gather_rows(_TwoRanks(peer))(mine)
+    assert gathered.tolist() == mine.tolist() + peer.tolist()
+
+
+# One fine-tuning run, launched on two processes by the test below.
+TWO_PROCESS_DRIVER = """
+import json, sys
+from train.finetune import resolve_config, run_finetune
+shards, out = sys.argv[1:]
+config = resolve_config("agw-tiny", ["--progress_bar", "false", "--tensorboard", "false", "--output_dir", out],
+                        shards=shards)
+result = run_finetune(config)
+print("SUMMARY", json.dumps(result.summary()), flush=True)
+"""
+
+
+def test_two_processes_share_the_evaluation_and_match_one(sysu_shards, tmp_path):
+    """Each process embeds its part of the test images; process 0's metrics equal a one-process
+    evaluation of the same checkpoint (see tests/test_pretrain_distributed.py for the launch)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    driver = tmp_path / "driver.py"
+    driver.write_text(TWO_PROCESS_DRIVER)
+    launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, *launch, str(driver), str(sysu_shards), str(tmp_path / "run")], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    summaries = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("SUMMARY")]
+    assert len(summaries) == 2 and {} in summaries  # process 0 alone ranks
+    shared = next(summary for summary in summaries if summary)
+    loaded = load_for_evaluation(tmp_path / "run", device="cpu")  # the same model, one process
+    results = evaluate_cli.evaluate(loaded.embed, sysu_shards, "sysu", size=loaded.size, transform=loaded.transform,
+                                    trials=2, batch_size=64, device="cpu", progress=False)
+    assert shared == {r.setting: r.summary() for r in results}

@@ -148,3 +148,15 @@ def test_killed_run_resumes_to_the_same_parameters_as_an_uninterrupted_one(shard
     # same steps, losses and schedules: the metrics of steps 3..8 logged after the resume match
     keys = ("step", "loss", "loss_part2", "lr", "wd", "teacher_momentum")
     assert [[m[k] for k in keys] for m in read_metrics(run)] == [[m[k] for k in keys] for m in read_metrics(reference)]
+
+
+@pytest.mark.parametrize("extra", [["--method.image_size", "60,32"], ["--warmup_epochs", "5"], ["--lr", "-1"]])
+def test_the_configuration_is_printed_only_once_the_settings_are_checked(shards, tmp_path, capsys, extra):
+    assert run_cli(main, tiny_args(shards, tmp_path / "run", *extra)) == 2
+    assert "configuration" not in capsys.readouterr().out
+
+
+def test_a_good_run_prints_its_configuration(shards, tmp_path, capsys):
+    assert main(tiny_args(shards, tmp_path / "run", "--max_steps", "1")) == 0
+    out = capsys.readouterr().out
+    assert "configuration (" in out and "method.image_size = (64, 32)" in out

@@ -356,3 +356,31 @@ def test_dali_mixed_decode_on_the_gpu_matches_the_cpu(shards):
         warnings.simplefilter("error")
         cache = make_source(shards, "train", source="cache", device="cuda", batch_size=16, size=(H, W), rank=0, world=1)
     assert cache.cached.images.is_cuda and next(iter(cache)).images.is_cuda
+
+
+def test_damage_warning_names_the_callers_line(copy):
+    truncate(copy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_source(copy, "train", source="wds", batch_size=16, size=(H, W), device="cpu", rank=0, world=1,
+                    num_workers=0, skip_damaged=True)
+    (warning,) = [w for w in caught if "train-000001.tar" in str(w.message)]
+    assert issubclass(warning.category, UserWarning)
+    assert warning.filename == __file__  # this test's line, not a line inside pipelines/sources
+
+
+def test_damage_warning_prints_as_one_clean_line(copy):
+    import subprocess
+    import sys
+
+    truncate(copy)
+    # as a command-line tool runs it: through run_cli, which prints data warnings on one line
+    script = ("from pipelines.sources import make_source\nfrom shards.errors import run_cli\n"
+              f"run_cli(lambda argv: make_source({str(copy)!r}, 'train', source='wds', batch_size=16, "
+              f"size=({H}, {W}), device='cpu', rank=0, world=1, num_workers=0, skip_damaged=True) and 0)\n")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: skipping 1 damaged shard(s) of split 'train'")
+    assert "train-000001.tar" in lines[0] and "UserWarning" not in lines[0]

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import json
+import textwrap
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -49,6 +51,8 @@ from shards.errors import UserError
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 NONE_WORDS = ("none", "null")
+#: Line width of the preset descriptions in ``--help``.
+HELP_WIDTH = 100
 
 
 def setting(default: Any, help: str) -> Any:
@@ -330,15 +334,36 @@ def flatten(config: RunConfig) -> dict[str, Any]:
     return flat
 
 
-def settings_help(instance: Any, prefix: str = "") -> str:
-    """One line per field of the dataclass ``instance``: ``--prefix.name VALUE  help``, where
-    VALUE is the instance's (e.g. a preset's) value."""
+def settings_help(instance: Any, prefix: str = "", skip: Collection[str] = ()) -> str:
+    """One line per field of the dataclass ``instance`` (but those named in ``skip``, e.g. shown
+    as command options): ``--prefix.name VALUE  help``, VALUE being the instance's (e.g. a
+    preset's) value. Shared by ``--help`` of pre-training and fine-tuning."""
     lines = []
     for f in dataclasses.fields(instance):
+        if f.name in skip:
+            continue
         value = getattr(instance, f.name)
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         lines.append(f"  --{prefix}{f.name} {shown}".ljust(44) + f"  {f.metadata.get('help', '')}".rstrip())
     return "\n".join(lines)
+
+
+def summary_of(doc: Optional[str]) -> str:
+    """The first paragraph of a docstring on one line: a preset's description in ``--help``
+    (its first line alone often stops mid-sentence)."""
+    paragraph = inspect.cleandoc(doc or "").split("\n\n")[0]
+    return " ".join(paragraph.split())
+
+
+def presets_help(presets: Mapping[str, Callable[[], Any]], tag: Callable[[Any], str] = lambda config: "") -> str:
+    """One entry per preset for ``--help``: its name, ``tag(preset())`` (e.g. ``[pass] ``) and
+    :func:`summary_of` its docstring, wrapped under the name column."""
+    entries = []
+    for name, fn in presets.items():
+        head = f"  {name:<18} "
+        entries.append(textwrap.fill(f"{tag(fn())}{summary_of(fn.__doc__)}", width=HELP_WIDTH, initial_indent=head,
+                                     subsequent_indent=" " * len(head), break_on_hyphens=False))
+    return "\n".join(entries)
 
 
 def describe(config: RunConfig) -> str:
@@ -358,8 +383,10 @@ __all__ = [
     "flatten",
     "load_config",
     "preset_registry",
+    "presets_help",
     "resolve_config",
     "save_config",
     "setting",
     "settings_help",
+    "summary_of",
 ]

@@ -64,7 +64,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -290,43 +289,67 @@ class SplitFeatures:
                              self.index[rows])
 
 
+#: ``gather(rows) -> rows of every process``: concatenates, in rank order, the ``(n_r, ...)``
+#: tensors of all processes (``n_r`` may differ); every process gets the result (an all-gather).
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _extraction_bar(split: str, total: int, progress: bool, rank: int):
+    """A tqdm bar on stderr counting images (its rate is images/s); shown on process 0 only, when
+    ``progress`` is set and stderr is a terminal (``disable=None``: not in logs or pipes)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"features {split}", unit="img", leave=False, dynamic_ncols=True,
+                file=sys.stderr, disable=None if progress and rank == 0 else True)
+
+
 @torch.no_grad()
 def extract_features(embed: Embedder, shards: str | Path, split: str, *, size: tuple[int, int],
                      transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 128,
                      device: str | torch.device | None = None, flip: bool = False,
-                     source: str = "auto") -> SplitFeatures:
+                     source: str = "auto", rank: int = 0, world: int = 1, gather: Gather | None = None,
+                     progress: bool = True) -> SplitFeatures:
     """Features of every sample of ``split``, batched on ``device``.
 
     transform: uint8 ``(B, 3, H, W)`` -> float views (e.g. ``FinetuneViews.eval_views``).
     flip: average with the features of the horizontally mirrored views.
-    One epoch of the source (``shuffle=False``, ``drop_last=False``, one process) covers every
-    sample; repeats (the cache's wrap-around padding) are dropped; samples lost to damaged shards
-    are left out with a warning.
+    rank, world, gather: with ``world > 1`` each process embeds its part of the split and
+        ``gather`` (:data:`Gather`) collects the parts, so every process returns the whole split.
+    progress: a bar with images/s on stderr (:func:`_extraction_bar`).
+    One epoch of the source (``shuffle=False``, ``drop_last=False``) covers every sample; repeats
+    (the cache's wrap-around padding) are dropped; samples lost to damaged shards are left out
+    with a warning. Labels stay on the device until one copy to the host at the end.
     """
     from pipelines.sources import make_source  # heavy imports (DALI probe) only when extracting
+    from pipelines.sources.base import rank_range, warn_source
 
     stream = make_source(shards, split, batch_size=batch_size, size=size, device=device, source=source,
-                         shuffle=False, drop_last=False, rank=0, world=1)
+                         shuffle=False, drop_last=False, rank=rank, world=world)
     expected = load_manifest(shards).splits[split].total.images
+    lo, hi = rank_range(expected, rank, world)
     rows: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    for batch in stream:
-        views = transform(batch.images)
-        feats = embed(views, batch.modality).float()
-        if flip:
-            feats = feats + embed(views.flip(-1), batch.modality).float()
-        rows.append(feats)
-        labels.append(torch.stack([batch.pid, batch.camera, batch.modality, batch.index], 1).cpu())
+    with _extraction_bar(split, hi - lo, progress, rank) as bar:
+        for batch in stream:
+            views = transform(batch.images)
+            feats = embed(views, batch.modality).float()
+            if flip:
+                feats = feats + embed(views.flip(-1), batch.modality).float()
+            rows.append(feats)
+            labels.append(torch.stack([batch.pid, batch.camera, batch.modality, batch.index], 1))
+            bar.update(min(len(batch), bar.total - bar.n))  # the padded last batch repeats samples
     if not rows:
         raise UserError(f"split {split!r} of {shards} yielded no samples")
-    features = torch.cat(rows)
-    meta = torch.cat(labels).numpy()
+    features, meta = torch.cat(rows), torch.cat(labels)
+    if gather is not None:
+        features, meta = gather(features), gather(meta)
+    meta = meta.cpu().numpy()
     # The device cache pads the last batch by wrapping around its permutation: keep each sample
     # once, in index order.
     _, order = np.unique(meta[:, 3], return_index=True)
-    if len(order) < expected:
-        warnings.warn(f"split {split!r}: {expected - len(order)} sample(s) in damaged shards were left out of the "
-                      "evaluation; results are not comparable with published numbers", stacklevel=2)
+    if len(order) < expected and rank == 0:
+        warn_source(f"split {split!r}: {expected - len(order)} sample(s) in damaged shards were left out of the "
+                    "evaluation; results are not comparable with published numbers")
     picked = torch.as_tensor(order, device=features.device)
     return SplitFeatures(features[picked], *(np.ascontiguousarray(meta[order, i]) for i in range(4)))
 
@@ -408,37 +431,42 @@ def evaluate(embed: Embedder, shards: str | Path, protocol: str, *, size: tuple[
              transform: Callable[[torch.Tensor], torch.Tensor], trials: int = SYSU_TRIALS,
              regdb_trials: Iterable[int] | None = None, batch_size: int = 128,
              device: str | torch.device | None = None, flip: bool = False, source: str = "auto",
-             max_rank: int = 20) -> list[ProtocolResult]:
+             max_rank: int = 20, rank: int = 0, world: int = 1, gather: Gather | None = None,
+             progress: bool = True) -> list[ProtocolResult]:
     """Extract features with ``embed`` and evaluate the shards under ``protocol``.
 
     protocol: ``market`` | ``sysu`` | ``sysu-indoor`` | ``regdb`` (module docstring).
     trials: SYSU-MM01 gallery trials 0..trials-1.
     regdb_trials: RegDB trial numbers (as in ``idx/``; default: all in the manifest).
+    rank, world, gather: several processes share the feature extraction (every one must call
+        this; see :func:`extract_features`); process 0 alone ranks, the others return ``[]``.
+    progress: feature-extraction bars (:func:`extract_features`).
     Returns one :class:`ProtocolResult` per setting (RegDB: visible->thermal, thermal->visible).
     The caller puts the model in eval mode.
     """
     manifest = load_manifest(shards)
     check_protocol(manifest, shards, protocol)
-    extract = dict(size=size, transform=transform, batch_size=batch_size, device=device, flip=flip, source=source)
+    if protocol in SYSU_GALLERY_CAMERAS and trials < 1:
+        raise UserError(f"--trials must be at least 1, got {trials}")
+    chosen = _regdb_trials(manifest, regdb_trials) if protocol == "regdb" else []
+    extract = dict(size=size, transform=transform, batch_size=batch_size, device=device, flip=flip, source=source,
+                   rank=rank, world=world, gather=gather, progress=progress)
+    splits = ("all",) if protocol == "regdb" else ("query", "gallery")
+    features = {split: extract_features(embed, shards, split, **extract) for split in splits}
+    if rank != 0:
+        return []  # their part of the features is given; ranking is cheap next to extraction
+    if protocol == "regdb":
+        return regdb_results(features["all"], chosen, max_rank)
+    query, gallery = features["query"], features["gallery"]
     if protocol == "market":
-        query = extract_features(embed, shards, "query", **extract)
-        gallery = extract_features(embed, shards, "gallery", **extract)
         return [_average("market", "market", [0], [_rank(query, gallery, "market", max_rank)], [len(gallery)])]
-    if protocol in SYSU_GALLERY_CAMERAS:
-        if trials < 1:
-            raise UserError(f"--trials must be at least 1, got {trials}")
-        query = extract_features(embed, shards, "query", **extract)
-        gallery = extract_features(embed, shards, "gallery", **extract)
-        runs, sizes = [], []
-        for trial in range(trials):
-            picked = gallery.subset(sysu_gallery_trial(gallery.pid, gallery.camera, gallery.index, trial, protocol))
-            runs.append(_rank(query, picked, "sysu", max_rank))
-            sizes.append(len(picked))
-        setting = "sysu all-search" if protocol == "sysu" else "sysu indoor-search"
-        return [_average(setting, protocol, list(range(trials)), runs, sizes)]
-    chosen = _regdb_trials(manifest, regdb_trials)
-    everything = extract_features(embed, shards, "all", **extract)
-    return regdb_results(everything, chosen, max_rank)
+    runs, sizes = [], []  # SYSU-MM01, the protocols left (check_protocol admits PROTOCOLS only)
+    for trial in range(trials):
+        picked = gallery.subset(sysu_gallery_trial(gallery.pid, gallery.camera, gallery.index, trial, protocol))
+        runs.append(_rank(query, picked, "sysu", max_rank))
+        sizes.append(len(picked))
+    setting = "sysu all-search" if protocol == "sysu" else "sysu indoor-search"
+    return [_average(setting, protocol, list(range(trials)), runs, sizes)]
 
 
 def regdb_results(everything: SplitFeatures, trials: list, max_rank: int = 20) -> list[ProtocolResult]:
@@ -524,6 +552,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", default="auto", choices=("auto", "dali", "wds", "cache"),
                         help="image source (default auto)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no feature-extraction bar (it shows only when stderr is a terminal)")
     return parser
 
 
@@ -584,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         trials = _regdb_trials_for(loaded, args.regdb_trials) if args.protocol == "regdb" else None
         runs.append(evaluate(loaded.embed, args.shards, args.protocol, size=loaded.size, transform=loaded.transform,
                              trials=args.trials, regdb_trials=trials, batch_size=args.batch_size,
-                             device=loaded.device, flip=args.flip, source=args.source))
+                             device=loaded.device, flip=args.flip, source=args.source, progress=args.progress))
     results = runs[0] if len(runs) == 1 else merge_trials(runs)
     print(format_table(results))
     if args.out is not None:

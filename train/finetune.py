@@ -25,9 +25,16 @@ before``). Schedules move every step (TransReID steps once per epoch).
 
 ``agw-tiny`` / ``transreid-tiny`` -- the same code paths at toy size for tests and the CPU demo.
 
-Evaluation: every ``eval_every`` epochs and at the end, on the main process, with
-:func:`train.evaluate.evaluate` (SYSU-MM01: all-search, ``eval_trials`` galleries; RegDB: the
-trained trial, both directions; Market-style layouts: the market rule).
+Evaluation: every ``eval_every`` epochs and at the end, with :func:`train.evaluate.evaluate`
+(SYSU-MM01: all-search, ``eval_trials`` galleries; RegDB: the trained trial, both directions;
+Market-style layouts: the market rule). Every process embeds its part of the test images
+(:func:`gather_rows` collects them) and process 0 ranks, so with several processes no one waits
+at a collective for a whole evaluation. The final table is printed once, after the bar closes.
+
+Losses are checked every ``log_every`` steps, at epoch ends and before every checkpoint, as in
+pre-training (:func:`train.pretrain.check_losses`): a non-finite loss stops the run
+(:class:`train.pretrain.NonFiniteLoss`; the command exits with status 3) naming the step and the
+losses, and no checkpoint is written after it. Bad settings exit with status 2.
 
 Outputs (``output_dir``): ``config.json``; ``checkpoints/step_N/`` (:mod:`train.checkpointing`:
 ``model.safetensors`` = :class:`ReIDModel` state dict, optimizer, random states, the source's
@@ -59,6 +66,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from models.export import read_weights_file
 from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_tiny_test
@@ -66,14 +74,17 @@ from models.vit import VisionTransformer, vit_base, vit_small, vit_tiny_test
 from pipelines.views.finetune import FinetuneViews
 from shards.errors import UserError, run_cli
 from shards.manifest import Manifest, load_manifest
-from train.config import from_dict, parse_value, setting_pairs
-from train.evaluate import LAYOUT_PROTOCOLS, ProtocolResult, check_protocol, evaluate, format_table
+from train.config import from_dict, parse_value, presets_help, setting, setting_pairs, settings_help
+from train.evaluate import LAYOUT_PROTOCOLS, Gather, ProtocolResult, check_protocol, evaluate, format_table
 from train.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
+from train.pretrain import EXIT_STATUS_HELP, NonFiniteLoss, check_losses, non_finite_exit
 from train.schedules import cosine_schedule
 
 FORMAT = "reid-finetune/1"
 DOCUMENT = "finetune.json"
 GEM_P = 3.0
+#: The losses logged and checked every ``log_every`` steps, in this order.
+LOSS_NAMES = ("loss", "id_loss", "triplet_loss")
 
 # --------------------------------------------------------------------------------------------
 # Configuration and presets
@@ -88,57 +99,65 @@ class FinetuneConfig:
     """Every setting of a fine-tuning run (module docstring for the recipes)."""
 
     # data and model
-    shards: str = ""  #: shard folder (``python -m shards build``)
-    init: str = "random"  #: ``random`` or a backbone file (module docstring)
-    arch: Arch = "resnet50_two_stream"
-    image_size: tuple[int, int] = (288, 144)
-    normalization: Literal["imagenet", "half"] = "imagenet"
-    pad: int = 10
-    flip_p: float = 0.5
-    erase_p: float = 0.0
-    sampler: Literal["cross_modal", "identity"] = "cross_modal"
-    ids_per_batch: int = 8  #: P
-    instances: int = 4  #: K (per modality for the cross-modal sampler)
-    source: Literal["auto", "dali", "wds", "cache"] = "cache"  #: identity samplers need the cache
-    regdb_trial: int = 1  #: RegDB: which trial's training identities to train on
+    shards: str = setting("", "shard folder built by ``python -m shards build``")
+    init: str = setting("random", "``random`` or a backbone file (module docstring)")
+    arch: Arch = setting("resnet50_two_stream", "backbone architecture")
+    image_size: tuple[int, int] = setting((288, 144), "training and test input, height,width")
+    normalization: Literal["imagenet", "half"] = setting("imagenet", "input normalization: ImageNet mean/std, "
+                                                         "or half (mean = std = 0.5, the PASS convention)")
+    pad: int = setting(10, "zero padding before the random crop, in pixels")
+    flip_p: float = setting(0.5, "probability of a horizontal flip")
+    erase_p: float = setting(0.0, "probability of random erasing")
+    sampler: Literal["cross_modal", "identity"] = setting("cross_modal", "cross_modal: P ids x (K RGB + K IR); "
+                                                          "identity: P ids x K images")
+    ids_per_batch: int = setting(8, "P, identities per batch")
+    instances: int = setting(4, "K, images per identity (per modality for the cross-modal sampler)")
+    source: Literal["auto", "dali", "wds", "cache"] = setting("cache", "image source; identity samplers need the "
+                                                              "cache (see pipelines.sources.make_source)")
+    regdb_trial: int = setting(1, "RegDB: which trial's training identities to train on")
     # loss
-    triplet: Literal["weighted", "batch_hard", "soft"] = "weighted"  #: soft = batch-hard, soft margin
-    margin: float = 0.3  #: batch_hard only
-    label_smoothing: float = 0.0
-    triplet_weight: float = 1.0
+    triplet: Literal["weighted", "batch_hard", "soft"] = setting("weighted", "triplet loss: weighted-regularization "
+                                                                 "(AGW), batch_hard with margin, or soft (batch-hard, "
+                                                                 "soft margin)")
+    margin: float = setting(0.3, "triplet margin (batch_hard only)")
+    label_smoothing: float = setting(0.0, "label smoothing of the ID cross-entropy")
+    triplet_weight: float = setting(1.0, "loss = ID cross-entropy + this x triplet")
     # optimizer and schedule
-    epochs: int = 80
-    steps_per_epoch: int = 0  #: 0: the sampler's epoch
-    max_steps: int = 0  #: stop after this many steps of the schedule (0: all)
-    lr: float = 0.1  #: lr of BNNeck + classifier
-    backbone_lr_factor: float = 0.1  #: backbone lr = lr * this
-    bias_lr_factor: float = 1.0
-    weight_decay: float = 5e-4
-    weight_decay_bias: float = 5e-4
-    momentum: float = 0.9
-    nesterov: bool = True
-    schedule: Literal["agw_step", "cosine"] = "agw_step"
-    warmup_epochs: float = 10.0
-    milestones: tuple[int, int] = (20, 50)  #: agw_step: x0.1 from the first, x0.01 from the second
-    warmup_start: float = 0.01  #: cosine: warm-up starts at lr * this
-    min_lr_factor: float = 0.002  #: cosine: ends at lr * this
-    clip_grad: float = 0.0  #: global gradient-norm clip (0: off; neither recipe clips)
-    precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
+    epochs: int = setting(80, "epochs of the schedule")
+    steps_per_epoch: int = setting(0, "0: the sampler's epoch")
+    max_steps: int = setting(0, "stop after this many steps of the schedule (0: all)")
+    lr: float = setting(0.1, "learning rate of BNNeck + classifier")
+    backbone_lr_factor: float = setting(0.1, "backbone lr = lr x this")
+    bias_lr_factor: float = setting(1.0, "bias lr = the group's lr x this")
+    weight_decay: float = setting(5e-4, "SGD weight decay of the weights")
+    weight_decay_bias: float = setting(5e-4, "SGD weight decay of the biases")
+    momentum: float = setting(0.9, "SGD momentum")
+    nesterov: bool = setting(True, "Nesterov momentum")
+    schedule: Literal["agw_step", "cosine"] = setting("agw_step", "agw_step: per-epoch warm-up then steps at the "
+                                                      "milestones; cosine: per-step warm-up then cosine")
+    warmup_epochs: float = setting(10.0, "epochs of learning-rate warm-up")
+    milestones: tuple[int, int] = setting((20, 50), "agw_step: x0.1 from the first epoch, x0.01 from the second")
+    warmup_start: float = setting(0.01, "cosine: the warm-up starts at lr x this")
+    min_lr_factor: float = setting(0.002, "cosine: ends at lr x this")
+    clip_grad: float = setting(0.0, "global gradient-norm clip (0: off; neither recipe clips)")
+    precision: Literal["no", "bf16", "fp16"] = setting("no", "autocast dtype through accelerate")
+    seed: int = setting(0, "seeds the model init, the data order and the augmentations")
     # evaluation
-    protocol: Optional[Literal["market", "sysu", "sysu-indoor", "regdb"]] = None  #: default: the layout's
-    eval_every: int = 10  #: epochs between evaluations (0: only at the end)
-    eval_trials: int = 10
-    eval_feature: Literal["bn", "pre_bn"] = "bn"
-    eval_flip: bool = False
-    eval_batch_size: int = 128
+    protocol: Optional[Literal["market", "sysu", "sysu-indoor", "regdb"]] = setting(
+        None, "evaluation protocol (none: the shard layout's)")
+    eval_every: int = setting(10, "epochs between evaluations (0: only at the end)")
+    eval_trials: int = setting(10, "SYSU-MM01: random gallery trials")
+    eval_feature: Literal["bn", "pre_bn"] = setting("bn", "test feature: after (bn) or before (pre_bn) the BNNeck")
+    eval_flip: bool = setting(False, "average the features of each test image and its mirror")
+    eval_batch_size: int = setting(128, "images per feature-extraction batch")
     # outputs
-    output_dir: str = "runs/finetune"
-    checkpoint_every_epochs: int = 1
-    keep_last: int = 2
-    log_every: int = 20
-    tensorboard: bool = True
-    progress_bar: bool = True
+    output_dir: str = setting("runs/finetune", "run folder: config.json, metrics.jsonl, results.json, "
+                                               "tensorboard/, checkpoints/")
+    checkpoint_every_epochs: int = setting(1, "epochs between checkpoints (0: only at the end)")
+    keep_last: int = setting(2, "complete checkpoints kept; older ones are deleted")
+    log_every: int = setting(20, "steps between metric lines (also how often losses are checked)")
+    tensorboard: bool = setting(True, "log to tensorboard/ as well as metrics.jsonl")
+    progress_bar: bool = setting(True, "tqdm bars for training and feature extraction (process 0)")
 
     @property
     def batch_size(self) -> int:
@@ -187,14 +206,42 @@ def _transreid(**changes: Any) -> FinetuneConfig:
 _TINY = dict(image_size=(64, 32), pad=4, ids_per_batch=2, instances=2, epochs=2, steps_per_epoch=4,
              warmup_epochs=1, eval_every=0, eval_trials=2, eval_batch_size=64, log_every=2, keep_last=2)
 
+def agw_sysu() -> FinetuneConfig:
+    """AGW's RGB-IR recipe on SYSU-MM01: two-stream ResNet-50, 8 ids x (4 RGB + 4 IR), SGD
+    Nesterov, lr 0.1 (backbone 0.01) with AGW's step schedule, 80 epochs; all-search protocol."""
+    return _agw(protocol="sysu", output_dir="runs/finetune-agw-sysu")
+
+
+def agw_regdb() -> FinetuneConfig:
+    """AGW's RGB-IR recipe on RegDB, trained on the identities of trial ``regdb_trial`` and
+    evaluated on its test identities, both directions."""
+    return _agw(protocol="regdb", output_dir="runs/finetune-agw-regdb")
+
+
+def transreid_market() -> FinetuneConfig:
+    """TransReID-style RGB fine-tuning of a PASS ViT-S/16 on Market-1501: 16 ids x 4 images,
+    256x128, random erasing, SGD lr 4e-4 with 20 warm-up epochs then cosine, 120 epochs."""
+    return _transreid(protocol="market")
+
+
+def agw_tiny() -> FinetuneConfig:
+    """The AGW code path at toy size (width-8 two-stream ResNet, 64x32, 2 epochs of 4 steps):
+    tests and the CPU demo."""
+    return _agw(arch="resnet_tiny_two_stream", milestones=(1, 2), output_dir="runs/finetune-agw-tiny", **_TINY)
+
+
+def transreid_tiny() -> FinetuneConfig:
+    """The TransReID code path at toy size (2-block ViT, 64x32, 2 epochs of 4 steps): tests and
+    the CPU demo."""
+    return _transreid(arch="vit_tiny", **{**_TINY, "ids_per_batch": 4}, output_dir="runs/finetune-transreid-tiny")
+
+
 PRESETS: dict[str, Callable[[], FinetuneConfig]] = {
-    "agw-sysu": lambda: _agw(protocol="sysu", output_dir="runs/finetune-agw-sysu"),
-    "agw-regdb": lambda: _agw(protocol="regdb", output_dir="runs/finetune-agw-regdb"),
-    "transreid-market": lambda: _transreid(protocol="market"),
-    "agw-tiny": lambda: _agw(arch="resnet_tiny_two_stream", milestones=(1, 2), output_dir="runs/finetune-agw-tiny",
-                             **_TINY),
-    "transreid-tiny": lambda: _transreid(arch="vit_tiny", **{**_TINY, "ids_per_batch": 4},
-                                         output_dir="runs/finetune-transreid-tiny"),
+    "agw-sysu": agw_sysu,
+    "agw-regdb": agw_regdb,
+    "transreid-market": transreid_market,
+    "agw-tiny": agw_tiny,
+    "transreid-tiny": transreid_tiny,
 }
 
 
@@ -443,7 +490,7 @@ def triplet_loss(config: FinetuneConfig, features: torch.Tensor, labels: torch.T
 
 @dataclass
 class FinetuneResult:
-    """``metrics``: the final evaluation; ``history``: one entry per epoch (``kind: train``: mean
+    """``metrics``: the final evaluation (process 0; ``[]`` on the others); ``history``: one entry per epoch (``kind: train``: mean
     losses, lr, images/s) and per evaluation (``kind: eval``: R1, mAP, mINP...), the curve data;
     ``checkpoint``: the last checkpoint folder (``train.evaluate --checkpoint`` takes it)."""
 
@@ -473,18 +520,44 @@ class _MetricLog:
             self.accelerator.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
 
 
-def _evaluate_model(model: ReIDModel, config: FinetuneConfig, protocol: str, device: torch.device) -> list[ProtocolResult]:
+def gather_rows(accelerator) -> Gather:
+    """:data:`train.evaluate.Gather` over ``accelerator``'s processes. An all-gather needs equal
+    shapes, and the processes' parts of a split may differ by a batch: gather the row counts,
+    pad every part to the longest, gather, and cut the padding out again."""
+
+    def gather(rows: torch.Tensor) -> torch.Tensor:
+        counts = accelerator.gather(torch.tensor([rows.shape[0]], device=rows.device)).tolist()
+        padded = accelerator.gather(accelerator.pad_across_processes(rows, dim=0))
+        longest = max(counts)
+        return torch.cat([padded[r * longest:r * longest + n] for r, n in enumerate(counts)])
+
+    return gather
+
+
+def _evaluate_model(accelerator, model: nn.Module, config: FinetuneConfig, protocol: str) -> list[ProtocolResult]:
+    """Evaluate on every process (each embeds its part of the test images; process 0 ranks and
+    the others get ``[]``): no process waits for another's whole extraction at a collective,
+    whose timeout a long evaluation could otherwise exceed."""
+    module: ReIDModel = accelerator.unwrap_model(model)
     views = FinetuneViews(tuple(config.image_size), normalization=config.normalization)
-    was_training = model.training
-    model.eval()
+    was_training = module.training
+    module.eval()
     try:
-        return evaluate(lambda v, m: model.embed(v, m, config.eval_feature), config.shards, protocol,
+        return evaluate(lambda v, m: module.embed(v, m, config.eval_feature), config.shards, protocol,
                         size=tuple(config.image_size), transform=views.eval_views, trials=config.eval_trials,
                         regdb_trials=[config.regdb_trial] if protocol == "regdb" else None,
-                        batch_size=config.eval_batch_size, device=device, flip=config.eval_flip,
-                        source="auto" if config.source == "cache" else config.source)
+                        batch_size=config.eval_batch_size, device=accelerator.device, flip=config.eval_flip,
+                        source="auto" if config.source == "cache" else config.source,
+                        rank=accelerator.process_index, world=accelerator.num_processes,
+                        gather=gather_rows(accelerator), progress=config.progress_bar)
     finally:
-        model.train(was_training)
+        module.train(was_training)
+
+
+def _eval_line(results: list[ProtocolResult], epoch: int) -> str:
+    """A periodic evaluation in one line (the full table is printed once, at the end)."""
+    scores = "; ".join(f"{r.setting} R1 {100 * r.rank(1):.2f} mAP {100 * r.mAP:.2f}" for r in results)
+    return f"evaluation after epoch {epoch + 1}: {scores}"
 
 
 def _eval_record(results: list[ProtocolResult], epoch: int, step: int) -> dict:
@@ -508,7 +581,9 @@ def _make_accelerator(config: FinetuneConfig, out: Path):
             log_with = "tensorboard"
         except ImportError:
             config.tensorboard = False
-    return Accelerator(mixed_precision=config.precision, log_with=log_with,
+    # Without CUDA, say so (as train.pretrain does): several launched processes then form one gloo
+    # group instead of each running alone and writing the same checkpoints.
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.precision, log_with=log_with,
                        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")))
 
 
@@ -569,92 +644,96 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
     pids = data.pids.to(device)
     bar = None
     if config.progress_bar and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True)
     model.train()
-    bad = torch.zeros((), dtype=torch.bool, device=device)
     unknown_pid = torch.zeros((), dtype=torch.bool, device=device)
+    pending: list[tuple[int, torch.Tensor]] = []  # (0-based step, losses) not checked yet, on the device
     results: list[ProtocolResult] = []
+    evaluated = False
 
     def check_finite() -> None:
+        """Stop on a non-finite loss since the last check, as pre-training does (one transfer)."""
         if bool(unknown_pid):
             raise RuntimeError("a training batch held an identity outside the training identities (a sampler bug)")
-        if bool(bad):
-            raise UserError(f"the loss became non-finite before step {step}; stopped. The last good checkpoint is "
-                            f"{checkpoint or 'none (none was saved yet)'}: lower --lr or use --precision no")
+        if pending:
+            check_losses(accelerator, [s for s, _ in pending], LOSS_NAMES, torch.stack([v for _, v in pending]))
+            pending.clear()
 
     def save(epoch: int) -> Path:
-        check_finite()
+        check_finite()  # never a checkpoint after a non-finite loss
         return checkpointer.save({"step": step, "epoch": epoch, "history": history}, {DOCUMENT: document})
 
-    while step < last_step:
-        epoch = step // steps_per_epoch
-        if step % steps_per_epoch == 0:
-            source.set_epoch(epoch)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)
-        count, images, tick = 0, 0, time.perf_counter()
-        for batch in source:
-            generator = torch.Generator(device=device).manual_seed(seed_of(config.seed, step, rank))
-            with torch.no_grad():
-                inputs = views(batch.images, generator)
-            lr_now = float(factors[step])
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_now
-            labels, foreign = class_labels(batch.pid, pids)
-            unknown_pid |= foreign
-            with accelerator.autocast():
-                features, logits = model(inputs, batch.modality)
-                id_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-                tri_loss = triplet_loss(config, features.float(), labels)
-                loss = id_loss + config.triplet_weight * tri_loss
-            bad |= ~torch.isfinite(loss.detach())
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if config.clip_grad > 0:
-                accelerator.clip_grad_norm_(model.parameters(), config.clip_grad)
-            optimizer.step()
-            step += 1
-            count += 1
-            images += len(batch) * world
-            sums += torch.stack([loss.detach(), id_loss.detach(), tri_loss.detach()]).double()
-            if step % config.log_every == 0 or step == last_step:
-                check_finite()
-                rate = images / max(time.perf_counter() - tick, 1e-9)
-                means = (sums / count).tolist()
-                log.write({"kind": "step", "step": step, "epoch": epoch, "lr": lr_now * config.lr, "loss": means[0],
-                           "id_loss": means[1], "triplet_loss": means[2], "images_per_s": rate}, step)
+    try:
+        while step < last_step:
+            epoch = step // steps_per_epoch
+            if step % steps_per_epoch == 0:
+                source.set_epoch(epoch)
+            sums = torch.zeros(3, dtype=torch.float64, device=device)
+            count, images, tick = 0, 0, time.perf_counter()
+            for batch in source:
+                generator = torch.Generator(device=device).manual_seed(seed_of(config.seed, step, rank))
+                with torch.no_grad():
+                    inputs = views(batch.images, generator)
+                lr_now = float(factors[step])
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * lr_now
+                labels, foreign = class_labels(batch.pid, pids)
+                unknown_pid |= foreign
+                with accelerator.autocast():
+                    features, logits = model(inputs, batch.modality)
+                    id_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                    tri_loss = triplet_loss(config, features.float(), labels)
+                    loss = id_loss + config.triplet_weight * tri_loss
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss)
+                if config.clip_grad > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.clip_grad)
+                optimizer.step()
+                losses = torch.stack([loss.detach(), id_loss.detach(), tri_loss.detach()]).float()
+                pending.append((step, losses))
+                step += 1
+                count += 1
+                images += len(batch) * world
+                sums += losses.double()
+                if step % config.log_every == 0 or step == last_step:
+                    check_finite()
+                    rate = images / max(time.perf_counter() - tick, 1e-9)
+                    means = (sums / count).tolist()
+                    log.write({"kind": "step", "step": step, "epoch": epoch, "lr": lr_now * config.lr,
+                               "loss": means[0], "id_loss": means[1], "triplet_loss": means[2],
+                               "images_per_s": rate}, step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{rate:.0f}", lr=f"{lr_now * config.lr:.2e}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{rate:.0f}", lr=f"{lr_now * config.lr:.2e}")
-            if bar is not None:
-                bar.update(1)
-            if step % steps_per_epoch == 0 or step >= last_step:
-                break
-        check_finite()
-        means = (sums / max(count, 1)).tolist()
-        history.append({"kind": "train", "epoch": epoch, "step": step, "loss": means[0], "id_loss": means[1],
-                        "triplet_loss": means[2], "lr": float(factors[step - 1]) * config.lr,
-                        "images_per_s": images / max(time.perf_counter() - tick, 1e-9)})
-        log.write(history[-1], step)
-        finished = step >= last_step
-        epoch_done = step % steps_per_epoch == 0
-        if finished or (epoch_done and config.eval_every and (epoch + 1) % config.eval_every == 0):
-            if accelerator.is_main_process:
-                results = _evaluate_model(accelerator.unwrap_model(model), config, data.protocol, device)
-                history.append(_eval_record(results, epoch, step))
-                log.write(history[-1], step)
-                if bar is not None:
-                    bar.write(format_table(results))
-            accelerator.wait_for_everyone()
-        if finished or (epoch_done and config.checkpoint_every_epochs
-                        and (epoch + 1) % config.checkpoint_every_epochs == 0):
-            checkpoint = save(epoch)
-    if bar is not None:
-        bar.close()
+                    bar.update(1)
+                if step % steps_per_epoch == 0 or step >= last_step:
+                    break
+            check_finite()
+            means = (sums / max(count, 1)).tolist()
+            history.append({"kind": "train", "epoch": epoch, "step": step, "loss": means[0], "id_loss": means[1],
+                            "triplet_loss": means[2], "lr": float(factors[step - 1]) * config.lr,
+                            "images_per_s": images / max(time.perf_counter() - tick, 1e-9)})
+            log.write(history[-1], step)
+            finished = step >= last_step
+            epoch_done = step % steps_per_epoch == 0
+            if finished or (epoch_done and config.eval_every and (epoch + 1) % config.eval_every == 0):
+                results, evaluated = _evaluate_model(accelerator, model, config, data.protocol), True
+                if accelerator.is_main_process:
+                    history.append(_eval_record(results, epoch, step))
+                    log.write(history[-1], step)
+                    if not finished:  # the final results are printed by the caller, once
+                        tqdm.write(_eval_line(results, epoch))  # above the bar, when there is one
+                accelerator.wait_for_everyone()
+            if finished or (epoch_done and config.checkpoint_every_epochs
+                            and (epoch + 1) % config.checkpoint_every_epochs == 0):
+                checkpoint = save(epoch)
+    finally:
+        if bar is not None:
+            bar.close()
     if checkpoint is None:  # resumed from a finished run: nothing left to train
         checkpoint = resolve_checkpoint("latest", out)
-    if not results and accelerator.is_main_process:
-        results = _evaluate_model(accelerator.unwrap_model(model), config, data.protocol, device)
+    if not evaluated:
+        results = _evaluate_model(accelerator, model, config, data.protocol)
     seconds = time.perf_counter() - started
     if accelerator.is_main_process:
         report = {"results": [r.to_dict() for r in results], "checkpoint": str(checkpoint), "seconds": seconds}
@@ -756,28 +835,51 @@ def load_for_evaluation(path: str | Path, device: str | torch.device | None = No
 
 
 def _parser() -> argparse.ArgumentParser:
-    keys = ", ".join(f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in ("shards", "init"))
     parser = argparse.ArgumentParser(
         prog="python -m train.finetune",
         description="Fine-tune a pre-trained ReID backbone (MMGL ResNet for RGB-IR with the AGW recipe, PASS ViT "
-                    "for RGB with the TransReID recipe) and evaluate it under the dataset's standard protocol.",
-        epilog=f"Presets: {', '.join(PRESETS)}. Any setting: --key value, keys: {keys}. "
-               "Several processes: accelerate launch -m train.finetune ...",
+                    "for RGB with the TransReID recipe) and evaluate it under the dataset's standard protocol. "
+                    "Settings come from a preset, then from --key value overrides; `--help` with --preset lists "
+                    "them with that preset's values. Several processes: accelerate launch -m train.finetune ...",
+        add_help=False,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--shards", required=True, help="shard folder built by `python -m shards build`")
-    parser.add_argument("--init", required=True, help="an exported backbone (.pt / .safetensors), or `random`")
+    # --shards and --init are checked after --help, which needs neither
+    parser.add_argument("--shards", metavar="DIR", help="shard folder built by `python -m shards build` (required)")
+    parser.add_argument("--init", metavar="PATH", help="an exported backbone (.pt / .safetensors), or `random` (required)")
     parser.add_argument("--preset", default="agw-sysu", choices=sorted(PRESETS), help="recipe (default agw-sysu)")
     parser.add_argument("--resume", default=None,
                         help="`latest` (this output_dir's last checkpoint) or a checkpoint / run folder")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and the settings, then exit")
     return parser
 
 
+def help_text(parser: argparse.ArgumentParser, preset: str) -> str:
+    """Usage, the recipes, and every setting with its meaning and the value of ``preset`` (the
+    rendering of ``python -m train.pretrain --help``)."""
+    return "\n".join([parser.format_help(), "presets:", presets_help(PRESETS),
+                      f"\nsettings (values of preset {preset}):",
+                      settings_help(PRESETS[preset](), skip=("shards", "init")), "\n" + EXIT_STATUS_HELP])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = _parser().parse_known_args(argv)
+    parser = _parser()
+    args, overrides = parser.parse_known_args(argv)
+    if args.help:
+        print(help_text(parser, args.preset))
+        return 0
+    if args.shards is None or args.init is None:
+        raise UserError("pass --shards DIR (built by `python -m shards build`) and --init (an exported backbone, "
+                        "or random); see --help")
     config = resolve_config(args.preset, overrides, shards=args.shards, init=args.init)
-    result = run_finetune(config, resume=args.resume)
-    print(format_table(result.metrics))
-    print(f"checkpoint: {result.checkpoint}\nresults: {result.output_dir / 'results.json'}")
+    try:
+        result = run_finetune(config, resume=args.resume)
+    except NonFiniteLoss as err:
+        return non_finite_exit(err)
+    if result.metrics:  # process 0; the bars are closed by now
+        print(format_table(result.metrics))
+        print(f"checkpoint: {result.checkpoint}\nresults: {result.output_dir / 'results.json'}")
     return 0
 
 

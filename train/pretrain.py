@@ -23,7 +23,8 @@ every ``--checkpoint_every_epochs`` epochs, and at the end).
 Losses are checked at every logging step and before every checkpoint (one device-to-host copy
 per ``--log_every`` steps, not one per step): a non-finite loss stops the run with exit status
 3, naming the first bad step and its losses; no checkpoint is written after it, so the last
-good one is intact. Bad settings (unknown keys, missing shards, impossible batch settings) stop
+good one is intact (``train.finetune`` stops the same way, with :func:`check_losses` and
+:func:`non_finite_exit`). Bad settings (unknown keys, missing shards, impossible batch settings) stop
 the run before training with exit status 2 and a one-line message.
 """
 
@@ -35,7 +36,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ContextManager, Optional
@@ -59,6 +60,7 @@ from train.config import (
     describe,
     flatten,
     preset_registry,
+    presets_help,
     resolve_config,
     save_config,
     settings_help,
@@ -70,10 +72,35 @@ from train.schedules import cosine_schedule, scaled_learning_rate
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 EXIT_NON_FINITE = 3
+#: The last line of ``--help`` of both training commands (fine-tuning stops the same way).
+EXIT_STATUS_HELP = "exit status: 0 done, 2 bad settings or data, 3 non-finite loss (the last good checkpoint is kept)"
 
 
 class NonFiniteLoss(Exception):
     """The loss became NaN or infinite; the message names the step and the losses."""
+
+
+def check_losses(accelerator: Accelerator, steps: list[int], names: Sequence[str], values: torch.Tensor) -> np.ndarray:
+    """This process's losses ``values`` ``(len(steps), len(names))`` averaged over the processes
+    and copied to the host in one transfer, as ``(len(steps), len(names))`` float numpy.
+
+    Raises :class:`NonFiniteLoss` naming the first of ``steps`` (0-based) whose losses are not
+    all finite. The mean over processes is non-finite when one process's loss is, so every
+    process stops at the same check instead of one waiting for the others in a collective."""
+    host = accelerator.reduce(values, reduction="mean").cpu().numpy()
+    bad = ~np.isfinite(host).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        losses = ", ".join(f"{n}={v:.6g}" for n, v in zip(names, host[row]))
+        raise NonFiniteLoss(f"non-finite loss at step {steps[row]} (0-based; {losses}); training stopped "
+                            "and no checkpoint was written after it: the last good checkpoint is intact")
+    return host
+
+
+def non_finite_exit(err: NonFiniteLoss) -> int:
+    """The one-line message and exit status of a run stopped by a non-finite loss."""
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_NON_FINITE
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -97,11 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def help_text(parser: argparse.ArgumentParser, method: Optional[str], preset: Optional[str]) -> str:
     """Usage, the presets, and every setting with the value of ``preset`` (or the method's default)."""
-    registry = preset_registry()
-    lines = [parser.format_help(), "presets:"]
-    for name, fn in registry.items():
-        doc = (fn.__doc__ or "").strip().split("\n")[0]
-        lines.append(f"  {name:<16} [{fn().method}] {doc}")
+    lines = [parser.format_help(), "presets:", presets_help(preset_registry(), lambda config: f"[{config.method}] ")]
     try:
         config = resolve_config(method, preset) if (method or preset) else resolve_config("pass", None)
     except UserError as err:
@@ -109,7 +132,7 @@ def help_text(parser: argparse.ArgumentParser, method: Optional[str], preset: Op
     lines += [f"\nshared settings (values of preset {config.preset}):", settings_help(config.train),
               f"\n{config.method} settings (values of preset {config.preset}):",
               settings_help(config.method_config, "method."),
-              "\nexit status: 0 done, 2 bad settings or data, 3 non-finite loss (the last good checkpoint is kept)"]
+              "\n" + EXIT_STATUS_HELP]
     return "\n".join(lines)
 
 
@@ -123,8 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         train(config, resume=args.resume)
     except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_NON_FINITE
+        return non_finite_exit(err)
     return 0
 
 
@@ -295,14 +317,8 @@ class Monitor:
         if not self.pending:
             return
         steps = [s for s, _ in self.pending]
-        values = self.accelerator.reduce(torch.stack([v for _, v in self.pending]), reduction="mean").cpu().numpy()
+        values = check_losses(self.accelerator, steps, self.names, torch.stack([v for _, v in self.pending]))
         self.pending.clear()
-        bad = ~np.isfinite(values).all(axis=1)
-        if bad.any():
-            row = int(np.argmax(bad))
-            losses = ", ".join(f"{n}={v:.6g}" for n, v in zip(self.names, values[row]))
-            raise NonFiniteLoss(f"non-finite loss at step {steps[row]} (0-based; {losses}); training stopped "
-                                "and no checkpoint was written after it: the last good checkpoint is intact")
         now = time.perf_counter()
         images_per_s = self.images * self.accelerator.num_processes / max(now - self.clock, 1e-9)
         self.images, self.clock = 0, now
@@ -356,12 +372,12 @@ def train(config: RunConfig, resume: Optional[str] = None) -> None:
     cfg.validate()
     accelerator = make_accelerator(cfg)
     checkpoint = check_run_dir(config, resume, accelerator)
+    set_seed(cfg.seed)  # the same initial weights in every process
+    method: Method = METHODS[config.method].method(config.method_config)  # checks the method's settings
+    set_seed(cfg.seed, device_specific=True)  # then different drop-path draws per process
+    # Printed once every check that needs no data has passed (the source's checks read the shards).
     accelerator.print(f"configuration ({accelerator.num_processes} process(es), {accelerator.device}):\n"
                       + describe(config))
-
-    set_seed(cfg.seed)  # the same initial weights in every process
-    method: Method = METHODS[config.method].method(config.method_config)
-    set_seed(cfg.seed, device_specific=True)  # then different drop-path draws per process
     source = build_source(cfg, method, accelerator)
     if accelerator.is_main_process:  # the settings are usable: record them with the run
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

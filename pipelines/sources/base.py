@@ -22,12 +22,18 @@ Position: ``state_dict()`` is ``{"epoch", "batches", "seed", "world", "batch_siz
 where ``batches`` counts batches already *yielded* in ``epoch``. ``load_state_dict`` restores it
 and the next ``iter()`` rebuilds that epoch's stream with the same seeds and skips the consumed
 batches, so the rest of the stream is the one an uninterrupted run would have seen.
+
+Warnings: what a run should know about its data (damaged shards left out, samples repeated, a
+resumed stream that is not exact) is a :class:`SourceWarning` raised by :func:`warn_source`:
+``pytest.warns`` and ``warnings`` filters see it as any ``UserWarning``, and it prints as one
+``warning: ...`` line, not as a source-file location with a code line.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,11 +43,34 @@ import numpy as np
 import torch
 
 from pipelines.batch import Batch
-from shards.errors import UserError
+from shards.errors import DataWarning, UserError
 from shards.format import IMAGE_EXT, INDEX_VERSION, LABEL_EXT, parse_index
 from shards.manifest import Manifest, load_manifest
 
 VERIFY_HINT = "run `python -m shards verify {folder}` to see which shards are damaged, then rebuild them"
+#: Path prefix of this package's files: warnings are attributed to the first caller outside it.
+PACKAGE_PREFIX = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class SourceWarning(DataWarning):
+    """Something a run should know about its data: damaged data left out or repeated, or a
+    resumed stream that differs from the one an uninterrupted run would have seen."""
+
+
+def warn_source(message: str) -> None:
+    """Emit ``message`` as a :class:`SourceWarning` attributed to the first caller outside
+    :mod:`pipelines.sources` (the user's line that asked for the data, whatever the depth of the
+    source's own calls; Python 3.12's ``skip_file_prefixes`` does the same)."""
+    warnings.warn(message, SourceWarning, stacklevel=_stacklevel_outside_package())
+
+
+def _stacklevel_outside_package() -> int:
+    """``stacklevel`` for :func:`warn_source`'s ``warnings.warn``: 1 is warn_source itself, 2
+    its caller, and so on to the first frame whose file is not in this package."""
+    level, frame = 2, sys._getframe(2)  # frame 1 is warn_source, like stacklevel 1
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_PREFIX):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 @dataclass(frozen=True)
@@ -276,11 +305,10 @@ class Source:
         if state["world"] != self.world or state["batch_size"] != self.batch_size:
             seen = batches * state["world"] * state["batch_size"]
             batches = seen // (self.world * self.batch_size)
-            warnings.warn(
+            warn_source(
                 f"resuming with {self.world} process(es) x batch {self.batch_size} instead of "
                 f"{state['world']} x {state['batch_size']}: the epoch continues after {batches} "
-                "batches, but not with exactly the samples the old run would have seen",
-                stacklevel=2,
+                "batches, but not with exactly the samples the old run would have seen"
             )
         self.batches = batches
 

@@ -34,7 +34,6 @@ short; it repeats samples of its last batch to keep the epoch length all ranks a
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Iterator
 from functools import lru_cache
 
@@ -54,6 +53,7 @@ from pipelines.sources.base import (
     rank_range,
     seed_of,
     shard_order,
+    warn_source,
 )
 from shards.format import IMAGE_EXT, LABEL_BYTES, LABEL_EXT, TAR_BLOCK, parse_index, split_member_name
 
@@ -204,7 +204,7 @@ class _EpochStream(IterableDataset):
         while k < self.chunks:  # equal chunk counts per part keep the round robin fixed
             yield emit([])
         if events:  # damage found after the last chunk: report it in the main process
-            warnings.warn("; ".join(f"{e[1]}: {e[3]}" for e in events), stacklevel=2)
+            warn_source("; ".join(f"{e[1]}: {e[3]}" for e in events))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -259,12 +259,11 @@ class WdsSource(Source):
         if split.damaged:
             self.skipped += sum(s.samples for s in split.damaged)
             self.skipped_shards += [s.name for s in split.damaged]
-            warnings.warn(
+            warn_source(
                 f"skipping {len(split.damaged)} damaged shard(s) of split {split.split!r} "
                 f"({self.skipped} samples): "
                 + ", ".join(f"{s.path} (size differs from the manifest)" for s in split.damaged)
-                + f"; {VERIFY_HINT.format(folder=split.folder)}",
-                stacklevel=2,
+                + f"; {VERIFY_HINT.format(folder=split.folder)}"
             )
 
     def __len__(self) -> int:
@@ -288,10 +287,9 @@ class WdsSource(Source):
             if shard not in self.skipped_shards:
                 self.skipped_shards.append(shard)
             what = "a sample" if kind == "sample" else f"{n} sample(s)"
-            warnings.warn(
+            warn_source(
                 f"skipped {what} of shard {self.split.folder / shard} ({reason}); "
-                f"{VERIFY_HINT.format(folder=self.split.folder)}",
-                stacklevel=3,
+                f"{VERIFY_HINT.format(folder=self.split.folder)}"
             )
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
@@ -351,10 +349,9 @@ class WdsSource(Source):
         if done < self._len and self.drop_last:
             # Samples were lost to damage: keep the agreed epoch length (module docstring).
             if not self._warned_pad:
-                warnings.warn(
+                warn_source(
                     f"rank {self.rank} lost samples to damaged data and repeats samples to fill "
-                    f"its epoch of {self._len} batches",
-                    stacklevel=2,
+                    f"its epoch of {self._len} batches"
                 )
                 self._warned_pad = True
             while done < self._len:
