@@ -18,12 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
+# The main job (python -m train.demo): a re-run reuses or resumes every finished stage in
+# $(DEMO)/; DEMO_ARGS passes options, e.g. make demo DEMO_ARGS="--method pass".
 demo: $(STAMP)
-	rm -rf $(DEMO)/sysu-mm01
-	$(PY) -m shards.synthetic --layout sysu-mm01 --out $(DEMO)/sysu-mm01
-	$(PY) -m shards build --layout sysu-mm01 --root $(DEMO)/sysu-mm01 --out $(DEMO)/shards --overwrite
-	$(PY) -m shards verify $(DEMO)/shards
-	$(PY) -m shards inspect $(DEMO)/shards --sheet $(DEMO)/contact-sheet.png
+	$(PY) -m train.demo --out $(DEMO) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

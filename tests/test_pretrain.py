@@ -160,3 +160,16 @@ def test_a_good_run_prints_its_configuration(shards, tmp_path, capsys):
     assert main(tiny_args(shards, tmp_path / "run", "--max_steps", "1")) == 0
     out = capsys.readouterr().out
     assert "configuration (" in out and "method.image_size = (64, 32)" in out
+
+
+def test_runs_with_other_precisions_follow_each_other_in_one_process():
+    """Pre-training in bf16 then fine-tuning in float32 from Python (the demo's stages, a
+    notebook): accelerate alone refuses the second Accelerator."""
+    from accelerate import Accelerator
+
+    from train.pretrain import new_accelerator
+
+    assert new_accelerator(cpu=True, mixed_precision="bf16").mixed_precision == "bf16"
+    with pytest.raises(ValueError, match="already been initialized"):
+        Accelerator(cpu=True, mixed_precision="no")
+    assert new_accelerator(cpu=True, mixed_precision="no").mixed_precision == "no"

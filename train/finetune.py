@@ -77,7 +77,7 @@ from shards.manifest import Manifest, load_manifest
 from train.config import from_dict, parse_value, presets_help, setting, setting_pairs, settings_help
 from train.evaluate import LAYOUT_PROTOCOLS, Gather, ProtocolResult, check_protocol, evaluate, format_table
 from train.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
-from train.pretrain import EXIT_STATUS_HELP, NonFiniteLoss, check_losses, non_finite_exit
+from train.pretrain import EXIT_STATUS_HELP, NonFiniteLoss, check_losses, new_accelerator, non_finite_exit
 from train.schedules import cosine_schedule
 
 FORMAT = "reid-finetune/1"
@@ -570,7 +570,6 @@ def _eval_record(results: list[ProtocolResult], epoch: int, step: int) -> dict:
 
 
 def _make_accelerator(config: FinetuneConfig, out: Path):
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     log_with = None
@@ -583,8 +582,8 @@ def _make_accelerator(config: FinetuneConfig, out: Path):
             config.tensorboard = False
     # Without CUDA, say so (as train.pretrain does): several launched processes then form one gloo
     # group instead of each running alone and writing the same checkpoints.
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.precision, log_with=log_with,
-                       project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")))
+    return new_accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.precision, log_with=log_with,
+                           project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")))
 
 
 def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> FinetuneResult:

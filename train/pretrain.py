@@ -44,6 +44,7 @@ from typing import Any, ContextManager, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from tqdm import tqdm
 
@@ -151,11 +152,23 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 # --- setup -----------------------------------------------------------------------------------------
+def new_accelerator(**settings: Any) -> Accelerator:
+    """An ``Accelerator`` for a new run in this process.
+
+    accelerate keeps one global state per process and refuses a second ``Accelerator`` with other
+    settings (pre-training in bf16, then fine-tuning in float32, from Python, as the demo's
+    stages or a notebook do). A run's accelerator state is dropped before the next run builds its
+    own; the process group, when there is one, is kept (``PartialState``).
+    """
+    AcceleratorState._reset_state()
+    return Accelerator(**settings)
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """Mixed precision, TensorBoard and (optionally) torch.compile through accelerate."""
     out = Path(cfg.output_dir)
     try:
-        accelerator = Accelerator(
+        accelerator = new_accelerator(
             # Without CUDA, say so: several launched processes then form one gloo group (MULTI_CPU)
             # instead of each running alone.
             cpu=not torch.cuda.is_available(),
