@@ -61,6 +61,10 @@ def one_step(out: Path) -> None:
     if accelerator.is_main_process:
         grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
         torch.save({"world": world, "center": method.loss.center.clone(), "grads": grads, "loss": loss}, out)
+    # leave together and take the gloo group down before exit: a rank that exits with the group
+    # alive can abort in its teardown ("terminate called without an active exception")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def launch(*args: str, env: dict) -> subprocess.Popen:
