@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from torchvision_layout import BN_KEYS, torchvision_resnet50_shapes
 from models.resnet import resnet50, resnet50_two_stream, resnet_tiny_test, to_agw_state, to_torchvision_state
 from pipelines.sources import make_source
 from shards.build import build
@@ -18,40 +19,13 @@ from shards.errors import UserError
 from shards.synthetic import generate
 from train.methods.mmgl import MMGL, MMGLConfig, mmgl_tiny
 
-BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def torchvision_resnet50_layout() -> dict[str, tuple[int, ...]]:
-    """torchvision ``resnet50()`` keys and shapes without ``fc``, from the architecture: stem
-    7x7x64 + BN, bottlenecks 3-4-6-3 of widths 64-128-256-512 (expansion 4), downsample
-    (1x1 conv + BN) on each layer's first block."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def bn(prefix: str, c: int) -> None:
-        shapes.update({f"{prefix}.{k}": (() if k == "num_batches_tracked" else (c,)) for k in BN_KEYS})
-
-    shapes["conv1.weight"] = (64, 3, 7, 7)
-    bn("bn1", 64)
-    c_in = 64
-    for layer, (count, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
-        for block in range(count):
-            p = f"layer{layer}.{block}"
-            for i, (shape_in, k) in enumerate(((c_in, 1), (width, 3), (width, 1)), start=1):
-                out = 4 * width if i == 3 else width
-                shapes[f"{p}.conv{i}.weight"] = (out, shape_in, k, k)
-                bn(f"{p}.bn{i}", out)
-            if block == 0:
-                shapes[f"{p}.downsample.0.weight"] = (4 * width, c_in, 1, 1)
-                bn(f"{p}.downsample.1", 4 * width)
-            c_in = 4 * width
-    return shapes
 
 
 def agw_layout() -> dict[str, tuple[int, ...]]:
     """The backbone keys of AGW's ``embed_net`` (mangye16/Cross-Modal-Re-ID-baseline model.py):
     the RGB stem as ``visible_module.visible.{conv1,bn1}``, the IR stem as
     ``thermal_module.thermal.{conv1,bn1}``, the shared layers as ``base_resnet.base.layer*``."""
-    tv = torchvision_resnet50_layout()
+    tv = torchvision_resnet50_shapes(fc=False)
     stem = {k: v for k, v in tv.items() if k.startswith(("conv1.", "bn1."))}
     out = {f"visible_module.visible.{k}": v for k, v in stem.items()}
     out.update({f"thermal_module.thermal.{k}": v for k, v in stem.items()})
@@ -69,7 +43,7 @@ def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 def test_torchvision_export_of_the_one_stream_model():
     with torch.device("meta"):
         state = resnet50().state_dict()
-    assert shapes_of(to_torchvision_state(state)) == torchvision_resnet50_layout()
+    assert shapes_of(to_torchvision_state(state)) == torchvision_resnet50_shapes(fc=False)
 
 
 def test_torchvision_export_of_a_two_stream_model_needs_a_stem():
@@ -79,7 +53,7 @@ def test_torchvision_export_of_a_two_stream_model_needs_a_stem():
     with pytest.raises(UserError, match="agw"):
         to_torchvision_state(state)
     rgb = to_torchvision_state(state, stem="rgb")
-    assert shapes_of(rgb) == torchvision_resnet50_layout()
+    assert shapes_of(rgb) == torchvision_resnet50_shapes(fc=False)
     assert rgb["conv1.weight"] is state["stems.rgb.conv1.weight"]
     assert to_torchvision_state(state, stem="ir")["bn1.running_var"] is state["stems.ir.bn1.running_var"]
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torchvision_layout import BN_KEYS, torchvision_resnet50_shapes
 from models.heads import DINOHead, PartProjection, PermutationHead, TokenHeads, sinkhorn
 from models.resnet import resnet50, resnet50_two_stream, resnet_tiny_test
 from models.vit import Attention, DropPath, vit_base, vit_small, vit_tiny_test
 
-BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -21,36 +21,6 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------- ResNet
-
-
-def torchvision_resnet50_shapes() -> dict[str, tuple[int, ...]]:
-    """torchvision's resnet50() state dict (key -> shape), written out from the architecture:
-    stem 7x7x64, bottlenecks 3-4-6-3 of widths 64-128-256-512 with 4x expansion, a downsample
-    (1x1 conv + BN) on the first block of each layer, fc 2048 -> 1000."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def bn(prefix: str, c: int) -> None:
-        shapes.update({f"{prefix}.{k}": (() if k == "num_batches_tracked" else (c,)) for k in BN_KEYS})
-
-    shapes["conv1.weight"] = (64, 3, 7, 7)
-    bn("bn1", 64)
-    c_in = 64
-    for layer, (count, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
-        for block in range(count):
-            p = f"layer{layer}.{block}"
-            shapes[f"{p}.conv1.weight"] = (width, c_in, 1, 1)
-            bn(f"{p}.bn1", width)
-            shapes[f"{p}.conv2.weight"] = (width, width, 3, 3)
-            bn(f"{p}.bn2", width)
-            shapes[f"{p}.conv3.weight"] = (4 * width, width, 1, 1)
-            bn(f"{p}.bn3", 4 * width)
-            if block == 0:
-                shapes[f"{p}.downsample.0.weight"] = (4 * width, c_in, 1, 1)
-                bn(f"{p}.downsample.1", 4 * width)
-            c_in = 4 * width
-    shapes["fc.weight"] = (1000, 2048)
-    shapes["fc.bias"] = (1000,)
-    return shapes
 
 
 def learnable(shapes: dict[str, tuple[int, ...]]) -> int:
