@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from torchvision_layout import BN_KEYS, torchvision_resnet50_shapes
+from torchvision_layout import torchvision_resnet50_shapes
 from models.resnet import resnet50, resnet50_two_stream, resnet_tiny_test, to_agw_state, to_torchvision_state
 from pipelines.sources import make_source
 from shards.build import build

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchvision_layout import BN_KEYS, torchvision_resnet50_shapes
+from torchvision_layout import torchvision_resnet50_shapes
 from models.heads import DINOHead, PartProjection, PermutationHead, TokenHeads, sinkhorn
 from models.resnet import resnet50, resnet50_two_stream, resnet_tiny_test
 from models.vit import Attention, DropPath, vit_base, vit_small, vit_tiny_test
