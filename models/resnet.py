@@ -221,6 +221,13 @@ def resnet_tiny_test(two_stream: bool = False, last_stride: int = 1) -> ResNet |
     return cls((1, 1, 1, 1), 8, last_stride)
 
 
+def resnet_narrow(two_stream: bool = False, last_stride: int = 1) -> ResNet | TwoStreamResNet:
+    """The same architecture at width 32 with one block per layer (num_features 1024): small
+    enough to pre-train on a CPU in minutes, wide enough to keep features (the CPU demo)."""
+    cls = TwoStreamResNet if two_stream else ResNet
+    return cls((1, 1, 1, 1), 32, last_stride)
+
+
 # ------------------------------------------------------------------------------- key layouts
 # Exports take the native backbone state dict (``ResNet`` / ``TwoStreamResNet`` keys, no heads)
 # and rename keys only: tensors are shared, never copied or reshaped.

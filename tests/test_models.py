@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from torchvision_layout import torchvision_resnet50_shapes
 from models.heads import DINOHead, PartProjection, PermutationHead, TokenHeads, sinkhorn
-from models.resnet import resnet50, resnet50_two_stream, resnet_tiny_test
+from models.resnet import resnet50, resnet50_two_stream, resnet_narrow, resnet_tiny_test
 from models.vit import Attention, DropPath, vit_base, vit_small, vit_tiny_test
 
 
@@ -373,3 +373,17 @@ def test_token_heads_count_independence_and_routing():
         assert torch.allclose(routed[b, 0], heads.parts[k](local[b, 0]), atol=1e-6)
     with pytest.raises(ValueError, match="region"):
         heads(cls, local, region=torch.tensor([0, 1, 2, 3]))
+
+
+def test_narrow_resnet_is_the_same_network_at_width_32():
+    """One bottleneck per layer at width 32: 4 x 8 x 32 = 1,024 output channels, 18x9 at 288x144;
+    the fine-tuning code recognises it from the stem width of an export."""
+    from train.finetune import infer_arch
+
+    two = resnet_narrow(two_stream=True).eval()
+    with torch.no_grad():
+        assert two(torch.randn(2, 3, 288, 144), torch.tensor([0, 1])).shape == (2, 1024, 18, 9)
+    assert two.stems.rgb.conv1.weight.shape == (32, 3, 7, 7)
+    assert infer_arch(two.state_dict()) == "resnet_narrow_two_stream"
+    assert infer_arch(resnet_narrow().state_dict()) == "resnet_narrow"
+    assert infer_arch(resnet_tiny_test(two_stream=True).state_dict()) == "resnet_tiny_two_stream"

@@ -69,7 +69,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from models.export import read_weights_file
-from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_tiny_test
+from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_narrow, resnet_tiny_test
 from models.vit import VisionTransformer, vit_base, vit_small, vit_tiny_test
 from pipelines.views.finetune import FinetuneViews
 from shards.errors import UserError, run_cli
@@ -90,7 +90,7 @@ LOSS_NAMES = ("loss", "id_loss", "triplet_loss")
 # Configuration and presets
 # --------------------------------------------------------------------------------------------
 
-Arch = Literal["resnet50_two_stream", "resnet50", "resnet_tiny_two_stream", "resnet_tiny", "vit_small", "vit_base",
+Arch = Literal["resnet50_two_stream", "resnet50", "resnet_narrow_two_stream", "resnet_narrow", "resnet_tiny_two_stream", "resnet_tiny", "vit_small", "vit_base",
                "vit_tiny"]
 
 
@@ -314,6 +314,8 @@ def build_backbone(arch: str, image_size: tuple[int, int]) -> nn.Module:
     builders: dict[str, Callable[[], nn.Module]] = {
         "resnet50_two_stream": resnet50_two_stream,
         "resnet50": resnet50,
+        "resnet_narrow_two_stream": lambda: resnet_narrow(two_stream=True),
+        "resnet_narrow": resnet_narrow,
         "resnet_tiny_two_stream": lambda: resnet_tiny_test(two_stream=True),
         "resnet_tiny": resnet_tiny_test,
         "vit_small": lambda: vit_small(img_size=tuple(image_size)),
@@ -365,10 +367,11 @@ def load_backbone(backbone: nn.Module, path: str | Path) -> None:
 
 def infer_arch(state: dict[str, torch.Tensor]) -> str:
     """The ``arch`` of a native backbone state dict, from its keys and shapes."""
+    resnets = {64: "resnet50", 32: "resnet_narrow", 8: "resnet_tiny"}  # by stem width
     if "stems.rgb.conv1.weight" in state:
-        return "resnet50_two_stream" if state["stems.rgb.conv1.weight"].shape[0] == 64 else "resnet_tiny_two_stream"
+        return resnets.get(state["stems.rgb.conv1.weight"].shape[0], "?") + "_two_stream"
     if "conv1.weight" in state:
-        return "resnet50" if state["conv1.weight"].shape[0] == 64 else "resnet_tiny"
+        return resnets.get(state["conv1.weight"].shape[0], "?")
     if "patch_embed.proj.weight" in state:
         return {384: "vit_small", 768: "vit_base", 48: "vit_tiny"}.get(state["patch_embed.proj.weight"].shape[0], "?")
     raise UserError("the weights are neither a ResNet nor a ViT backbone of this project (unknown key layout); "

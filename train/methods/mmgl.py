@@ -52,7 +52,7 @@ from typing import Literal
 import torch
 
 from models.heads import PartProjection, PermutationHead
-from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_tiny_test
+from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_narrow, resnet_tiny_test
 from pipelines.batch import Batch
 from pipelines.views.mmgl import MMGLViewBatch, MMGLViews
 from shards.errors import UserError
@@ -64,16 +64,19 @@ from train.methods.base import BackboneSpec, DataSpec, Method, StepOutput
 #: Backbones by name: the factory in :mod:`models.resnet` and its keyword arguments per variant.
 BACKBONES = {
     "resnet50": {True: ("resnet50_two_stream", {}), False: ("resnet50", {})},
+    "narrow": {True: ("resnet_narrow", {"two_stream": True}), False: ("resnet_narrow", {"two_stream": False})},
     "tiny": {True: ("resnet_tiny_test", {"two_stream": True}), False: ("resnet_tiny_test", {"two_stream": False})},
 }
-_FACTORIES = {"resnet50_two_stream": resnet50_two_stream, "resnet50": resnet50, "resnet_tiny_test": resnet_tiny_test}
+_FACTORIES = {"resnet50_two_stream": resnet50_two_stream, "resnet50": resnet50, "resnet_narrow": resnet_narrow,
+              "resnet_tiny_test": resnet_tiny_test}
 
 
 @dataclass
 class MMGLConfig:
     """MMGL's own settings; defaults are the paper's where it gives them (DESIGN.md section 5)."""
 
-    backbone: Literal["resnet50", "tiny"] = setting("resnet50", "ResNet-50 (tiny: the width-8 test model)")
+    backbone: Literal["resnet50", "narrow", "tiny"] = setting(
+        "resnet50", "ResNet-50 (narrow: width 32, one block per layer, for CPUs; tiny: the width-8 test model)")
     two_stream: bool = setting(True, "RGB and IR stems, shared layer1..4 (AGW); false: one shared stem")
     image_size: tuple[int, int] = setting((288, 144), "view size (H, W); H a multiple of 16 x num_stripes")
     num_stripes: int = setting(6, "horizontal stripes shuffled, and pooled into part features")
