@@ -1,16 +1,12 @@
 """User-facing errors shared by every command-line tool of the project.
 
 A :class:`UserError` is a mistake in what the user gave (a wrong path, an unknown layout, an
-impossible setting, corrupt shards). Command-line entry points catch it and print its message on
-one line, without a traceback, and exit with status 2 (DESIGN.md section 8). Anything else is a
-bug and keeps its traceback.
+impossible setting, corrupt shards). Command-line entry points (:func:`common.cli.run_cli`) catch
+it and print its message on one line, without a traceback, and exit with status 2 (DESIGN.md
+section 8). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
-
-import sys
-import warnings
-from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -21,32 +17,3 @@ class DataWarning(UserWarning):
     """A warning about the user's data (a damaged shard left out, a resumed stream that differs):
     command-line entry points print it as one line ``warning: ...``, without the location in
     this project's code that a plain warning starts with."""
-
-
-def _one_line_data_warnings(original: Callable[..., str]) -> Callable[..., str]:
-    def formatwarning(message, category, filename, lineno, line=None) -> str:
-        if issubclass(category, DataWarning):
-            return f"warning: {message}\n"
-        return original(message, category, filename, lineno, line)
-
-    return formatwarning
-
-
-def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main(argv)``, turning :class:`UserError` and Ctrl-C into a one-line message.
-
-    Returns the process exit status: ``main``'s own (0 when it returns None), 2 for a user error,
-    130 after Ctrl-C. While ``main`` runs, a :class:`DataWarning` prints as one line.
-    """
-    original = warnings.formatwarning
-    warnings.formatwarning = _one_line_data_warnings(original)
-    try:
-        return main(argv) or 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        warnings.formatwarning = original

@@ -46,7 +46,8 @@ from torch import nn
 
 from models.resnet import to_agw_state, to_torchvision_rgb_state, to_torchvision_state
 from models.vit import to_pass_reid_state_dict, to_timm_state_dict
-from shards.errors import UserError, run_cli
+from common.cli import run_cli
+from common.errors import UserError
 
 NATIVE_FORMAT = "reid-pretrain/native-backbone/1"
 StateDict = dict[str, torch.Tensor]

@@ -26,8 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from shards.errors import UserError
-from shards.format import MODALITY_CODE
+from common.errors import UserError
+from common.modality import MODALITY_CODE
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 
@@ -177,7 +177,7 @@ class TwoStreamResNet(_ResNetBase):
     """Two-stream ResNet (AGW layout): an RGB stem and an IR stem, shared ``layer1`` .. ``layer4``.
 
     ``forward(images, modality)``: images ``(B, 3, H, W)`` float, modality ``(B,)`` int64 with
-    :data:`shards.format.MODALITY_CODE` (0 rgb, 1 ir) -> ``(B, num_features, H/16, W/16)`` in the
+    :data:`common.modality.MODALITY_CODE` (0 rgb, 1 ir) -> ``(B, num_features, H/16, W/16)`` in the
     input's order. Each stem runs once on its own subset of the batch, so its BatchNorm only sees
     (and its running statistics only track) images of its modality. A stem whose modality is
     absent from the batch is skipped and gets no gradient: under DDP such batches need

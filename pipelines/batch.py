@@ -17,7 +17,7 @@ class Batch:
     images:   uint8 ``(B, 3, H, W)``, RGB (infrared images are stored as 3-channel RGB)
     pid:      int64 ``(B,)``, the dataset's own identity number (-1 when unknown)
     camera:   int64 ``(B,)``, the dataset's own camera number (-1 when unknown)
-    modality: int64 ``(B,)``, :data:`shards.format.MODALITY_CODE` (0 rgb, 1 ir)
+    modality: int64 ``(B,)``, :data:`common.modality.MODALITY_CODE` (0 rgb, 1 ir)
     index:    int64 ``(B,)``, the sample's index in its split (see :class:`shards.format.SampleMeta`)
     """
 

@@ -38,8 +38,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from shards.errors import UserError
-from shards.format import MODALITY_CODE
+from common.errors import UserError
+from common.modality import MODALITY_CODE
 
 RGB, IR = MODALITY_CODE["rgb"], MODALITY_CODE["ir"]
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shards.errors import UserError
+from common.errors import UserError
 from shards.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from shards.build import DEFAULT_SHARD_SIZE, build
-from shards.errors import UserError, run_cli
+from common.cli import run_cli
+from common.errors import UserError
 from shards.inspection import contact_sheet, random_samples, summary_table
 from shards.layouts import LAYOUTS
 from shards.manifest import load_manifest

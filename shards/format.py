@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.modality import MODALITIES, MODALITY_CODE
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
@@ -43,9 +45,6 @@ LABEL_FIELDS = ("pid", "camera", "modality", "index")
 LABEL_DTYPE = np.dtype("<i4")
 LABEL_BYTES = LABEL_DTYPE.itemsize * len(LABEL_FIELDS)
 
-MODALITIES = ("rgb", "ir")
-#: Integer code of each modality in the label member and in a Batch's ``modality`` tensor.
-MODALITY_CODE = {"rgb": 0, "ir": 1}
 
 #: Split names. ``all`` is used by RegDB, whose train/test identities change per trial.
 SPLITS = ("train", "query", "gallery", "all")

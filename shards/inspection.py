@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from shards.errors import UserError
+from common.errors import UserError
 from shards.format import IMAGE_EXT, META_EXT, SPLITS, SampleMeta, parse_index
 from shards.manifest import Counts, Manifest
 

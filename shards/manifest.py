@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shards.errors import UserError
+from common.errors import UserError
 from shards.format import FORMAT_VERSION, MANIFEST_NAME
 
 

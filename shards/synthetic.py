@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shards.errors import UserError, run_cli
+from common.cli import run_cli
+from common.errors import UserError
 from shards.synthetic_people import Pose, make_identity, make_scene, render_image
 
 LAYOUTS = ("sysu-mm01", "market1501")

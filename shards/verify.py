@@ -13,12 +13,12 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.modality import MODALITY_CODE
 from shards.format import (
     IMAGE_EXT,
     LABEL_EXT,
     META_EXT,
     MEMBER_EXTS,
-    MODALITY_CODE,
     IndexEntry,
     SampleMeta,
     decode_label,

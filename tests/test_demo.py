@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from shards.errors import run_cli
+from common.cli import run_cli
 from train import demo
 
 TINY = ["--scale", "tiny", "--workers", "1", "--quiet"]

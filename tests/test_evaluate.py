@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from shards.errors import UserError
+from common.errors import UserError
 from shards.manifest import load_manifest
 from train.evaluate import (
     RankMetrics,
@@ -273,7 +273,7 @@ def test_wrong_protocol_for_the_shards_is_one_line_error(tmp_path, capsys):
         check_protocol(manifest, tmp_path, "sysu")
     with pytest.raises(UserError, match="needs split 'query'"):
         check_protocol(manifest, tmp_path, "market")
-    from shards.errors import run_cli
+    from common.cli import run_cli
 
     assert run_cli(main, ["--checkpoint", "x.pt", "--shards", str(tmp_path / "none"), "--protocol", "sysu"]) == 2
     err = capsys.readouterr().err
@@ -304,7 +304,7 @@ def test_merge_trials_averages_separate_runs():
     (["--out", "blocker/results.json"], "cannot write --out"),
 ])
 def test_bad_device_or_out_is_one_line_error_before_any_work(tmp_path, capsys, monkeypatch, extra, message):
-    from shards.errors import run_cli
+    from common.cli import run_cli
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "blocker").write_text("a file, not a folder")

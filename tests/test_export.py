@@ -12,7 +12,8 @@ from torch import nn
 from models.export import export, load_backbone, main as export_main
 from models.vit import Block, PatchEmbed, VisionTransformer
 from pass_tiny_data import tiny_args, tiny_shards
-from shards.errors import UserError, run_cli
+from common.cli import run_cli
+from common.errors import UserError
 from train.checkpointing import load_model_state
 from train.pretrain import main as pretrain_main
 

@@ -12,7 +12,8 @@ import torch
 
 from models.export import NATIVE_FORMAT
 from models.resnet import resnet_tiny_test
-from shards.errors import UserError, run_cli
+from common.cli import run_cli
+from common.errors import UserError
 from train.checkpointing import load_model_state
 from train.finetune import (
     ReIDModel,
@@ -229,7 +230,7 @@ def test_results_table_is_printed_once(sysu_shards, tmp_path, capsys):
 NAN_DRIVER = """
 import sys
 import train.finetune as ft
-from shards.errors import run_cli
+from common.cli import run_cli
 original, calls = ft.triplet_loss, []
 def poisoned(config, features, labels):
     calls.append(1)

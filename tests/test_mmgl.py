@@ -15,7 +15,7 @@ from torchvision_layout import torchvision_resnet50_shapes
 from models.resnet import resnet50, resnet50_two_stream, resnet_tiny_test, to_agw_state, to_torchvision_state
 from pipelines.sources import make_source
 from shards.build import build
-from shards.errors import UserError
+from common.errors import UserError
 from shards.synthetic import generate
 from train.methods.mmgl import MMGL, MMGLConfig, mmgl_tiny
 
@@ -113,7 +113,7 @@ def test_a_single_modality_split_is_refused_before_training(mmgl_shards, tmp_pat
         make_source(rgb_only, "train", batch_size=4, size=(96, 48), device="cpu", sampler="pairs",
                     budget_bytes=0)  # a cache that could hold nothing: the refusal must come first
     from train.pretrain import main
-    from shards.errors import run_cli
+    from common.cli import run_cli
 
     argv = ["--method", "mmgl", "--preset", "mmgl_tiny", "--shards", str(rgb_only), "--output_dir", str(tmp_path / "r")]
     assert run_cli(main, argv) == 2
@@ -122,7 +122,7 @@ def test_a_single_modality_split_is_refused_before_training(mmgl_shards, tmp_pat
 
 def test_a_single_slot_batch_is_a_one_line_error(mmgl_shards, tmp_path, capsys):
     from train.pretrain import main
-    from shards.errors import run_cli
+    from common.cli import run_cli
 
     argv = ["--method", "mmgl", "--preset", "mmgl_tiny", "--shards", str(mmgl_shards / "shards"),
             "--batch_size", "1", "--progress_bar", "false", "--output_dir", str(tmp_path / "r")]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pass_tiny_data import tiny_args, tiny_shards
-from shards.errors import run_cli
+from common.cli import run_cli
 from train.checkpointing import STATE_FILE, list_checkpoints, load_model_state
 from train.methods.base import StepOutput
 from train.methods.pass_method import PASS

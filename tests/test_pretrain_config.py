@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shards.errors import UserError
+from common.errors import UserError
 from train.config import load_config, preset_registry, resolve_config, save_config
 
 

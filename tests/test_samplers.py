@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipelines.samplers import CrossModalSampler, IdentitySampler, PairSampler, RandomSampler
-from shards.errors import UserError
+from common.errors import UserError
 
 
 def labels(ids=20, seed=0, both=True):

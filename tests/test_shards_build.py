@@ -18,8 +18,8 @@ from PIL import Image
 
 import tiny_datasets
 from shards.build import build
-from shards.errors import UserError
-from shards.format import MODALITY_CODE
+from common.errors import UserError
+from common.modality import MODALITY_CODE
 from shards.manifest import load_manifest
 from shards.verify import verify
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import tiny_datasets
 from shards.cli import main
-from shards.errors import run_cli
+from common.cli import run_cli
 
 
 def run(argv, capsys):

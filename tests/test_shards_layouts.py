@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import tiny_datasets
-from shards.errors import UserError
+from common.errors import UserError
 from shards.layouts import scan
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.errors import run_cli
+from common.cli import run_cli
 from shards.synthetic import generate, main
 
 SYSU_NAME = re.compile(r"^cam([1-6])/(\d{4})/(\d{4})\.jpg$")

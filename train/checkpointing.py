@@ -43,7 +43,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from shards.errors import UserError
+from common.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

@@ -25,7 +25,7 @@ After the preset, ``--key value`` pairs on the command line change single fields
   (``Literal``), ``none`` for optional fields, tuples as comma-separated values
   (``--method.image_size 256,128``).
 
-An unknown key or a bad value is a :class:`shards.errors.UserError` naming the key, what it
+An unknown key or a bad value is a :class:`common.errors.UserError` naming the key, what it
 expected and (for a typo) the closest known keys.
 
 The resolved configuration is printed at the start of a run and saved as ``config.json`` in the
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from shards.errors import UserError
+from common.errors import UserError
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")

@@ -48,7 +48,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from shards.errors import UserError, run_cli
+from common.cli import run_cli
+from common.errors import UserError
 
 METHOD_LAYOUTS = {"mmgl": "sysu-mm01", "pass": "market1501"}
 METHOD_TITLES = {"mmgl": "MMGL pre-trained", "pass": "PASS pre-trained"}

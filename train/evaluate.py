@@ -72,7 +72,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards.errors import UserError, run_cli
+from common.cli import run_cli
+from common.errors import UserError
 from shards.manifest import Manifest, load_manifest
 
 #: Ranking rules of :func:`compute_metrics`.

@@ -72,7 +72,8 @@ from models.export import read_weights_file
 from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_narrow, resnet_tiny_test
 from models.vit import VisionTransformer, vit_base, vit_small, vit_tiny_test
 from pipelines.views.finetune import FinetuneViews
-from shards.errors import UserError, run_cli
+from common.cli import run_cli
+from common.errors import UserError
 from shards.manifest import Manifest, load_manifest
 from train.config import from_dict, parse_value, presets_help, setting, setting_pairs, settings_help
 from train.evaluate import LAYOUT_PROTOCOLS, Gather, ProtocolResult, check_protocol, evaluate, format_table

@@ -51,7 +51,8 @@ from tqdm import tqdm
 from pipelines.batch import Batch
 from pipelines.sources import Source, make_source
 from pipelines.sources.base import seed_of
-from shards.errors import UserError, run_cli
+from common.cli import run_cli
+from common.errors import UserError
 from train.checkpointing import CHECKPOINTS, Checkpointer, list_checkpoints, read_json, resolve_checkpoint
 from train.config import (
     RunConfig,

@@ -21,7 +21,7 @@ from pipelines.sources.base import Source, SplitShards, open_split, resolve_rank
 from pipelines.sources.cache import CachedSplit, CacheSource, cache_bytes, default_budget
 from pipelines.sources.dali import DaliSource, dali_available
 from pipelines.sources.wds import WdsSource
-from shards.errors import UserError
+from common.errors import UserError
 
 SOURCES = ("auto", "dali", "wds", "cache")
 #: Samplers that put RGB and infrared images in every batch: the split must hold both.

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from pipelines.batch import Batch
-from shards.errors import DataWarning, UserError
+from common.errors import DataWarning, UserError
 from shards.format import IMAGE_EXT, INDEX_VERSION, LABEL_EXT, parse_index
 from shards.manifest import Manifest, load_manifest
 

@@ -65,7 +65,7 @@ from pipelines.sources.base import (
     seed_of,
     shard_order,
 )
-from shards.errors import UserError
+from common.errors import UserError
 
 #: Hash the shards to name the damaged ones only below this many bytes (larger: name them all).
 DIAGNOSE_HASH_LIMIT = 64 << 30

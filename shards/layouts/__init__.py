@@ -2,7 +2,7 @@
 
 A layout reads folder and file names (and list files) only; it never opens images. Checking and
 converting images is the builder's job (:mod:`shards.images`). A layout that finds a missing
-folder or list raises :class:`shards.errors.UserError` naming what it expected and where.
+folder or list raises :class:`common.errors.UserError` naming what it expected and where.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from shards.errors import UserError
+from common.errors import UserError
 from shards.layouts.common import LayoutScan, Record
 from shards.layouts.folder import scan_folder
 from shards.layouts.manifest_file import scan_manifest_file

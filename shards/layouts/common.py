@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.errors import UserError
+from common.errors import UserError
 from shards.manifest import Rejected, Trial
 
 #: File endings read as images; anything else in a dataset folder (Thumbs.db, .txt) is ignored.

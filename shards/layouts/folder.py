@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shards.errors import UserError
+from common.errors import UserError
 from shards.format import UNKNOWN
 from shards.layouts.common import LayoutScan, Record, image_files, relative
 

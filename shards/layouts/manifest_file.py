@@ -13,8 +13,9 @@ import csv
 import json
 from pathlib import Path
 
-from shards.errors import UserError
-from shards.format import MODALITIES, SPLITS, UNKNOWN
+from common.errors import UserError
+from common.modality import MODALITIES
+from shards.format import SPLITS, UNKNOWN
 from shards.layouts.common import LayoutScan, Record
 from shards.manifest import Rejected
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shards.errors import UserError
+from common.errors import UserError
 from shards.layouts.common import LayoutScan, Record, images_in_pid_folders, require_dir
 from shards.manifest import Trial
 

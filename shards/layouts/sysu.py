@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shards.errors import UserError
+from common.errors import UserError
 from shards.layouts.common import LayoutScan, Record, images_in_pid_folders, require_dir, require_file
 
 RGB_CAMERAS = (1, 2, 4, 5)

@@ -55,7 +55,7 @@ from models.heads import PartProjection, PermutationHead
 from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_narrow, resnet_tiny_test
 from pipelines.batch import Batch
 from pipelines.views.mmgl import MMGLViewBatch, MMGLViews
-from shards.errors import UserError
+from common.errors import UserError
 from train.config import RunConfig, TrainConfig, setting
 from train.losses.pcc import DEFAULT_RETRIEVAL_TEMPERATURE, DEFAULT_TAU, part_cycle_contrastive
 from train.losses.permutation import permutation_correct, permutation_loss

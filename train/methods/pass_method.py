@@ -37,7 +37,7 @@ from models.heads import TokenHeads, TokenHeadsOutput
 from models.vit import VisionTransformer, vit_base, vit_small, vit_tiny_test
 from pipelines.batch import Batch
 from pipelines.views import PASSViewBatch, PASSViews
-from shards.errors import UserError
+from common.errors import UserError
 from train.config import RunConfig, TrainConfig, setting
 from train.losses.dino import DINOLoss
 from train.methods.base import BackboneSpec, DataSpec, Method, Progress, StepOutput

@@ -1,0 +1,7 @@
+"""Neutral things every package of the project may use; this package imports nothing of the project.
+
+- :mod:`common.errors`: :class:`~common.errors.UserError` (one-line user mistakes) and
+  :class:`~common.errors.DataWarning`.
+- :mod:`common.cli`: :func:`~common.cli.run_cli`, the runner of every command-line tool.
+- :mod:`common.modality`: the modality names and their integer codes (0 rgb, 1 ir).
+"""
