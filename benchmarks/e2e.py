@@ -33,7 +33,7 @@ from benchmarks.training import SHARED_CPU_NOTE, TrainStep, Variant, Workload, s
 from pipelines.sources import dali_available, make_source
 from shards.build import build
 from shards.synthetic import generate
-from train.config import RunConfig
+from train.settings import RunConfig
 from train.pretrain import endless
 
 EPOCHS = 100

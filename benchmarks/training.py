@@ -25,10 +25,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines.batch import Batch
-from train.config import RunConfig, resolve_config
+from train.config import resolve_config
 from train.methods import METHODS
 from train.methods.base import Method, Progress
 from train.pretrain import build_optimizer, make_schedules, set_schedules, training_step
+from train.settings import RunConfig
 
 #: Dense bf16 tensor-core peak, TFLOP/s, by a substring of ``torch.cuda.get_device_name``
 #: (vendor data sheets, SXM parts; first match wins, so the PCIe H100 comes before the H100).

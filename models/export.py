@@ -1,17 +1,14 @@
-"""Export the pre-trained backbone of a training checkpoint in the key layout other code loads.
+"""Backbone weights in the key layouts other code loads: the export formats and the writer.
 
-    python -m models.export RUN/checkpoints/step_00012345 --format transreid --out vit_small_pass.pth
-    python -m models.export RUN --format native --out backbone.pth      # a run folder: its latest checkpoint
-
-The backbone is what the method's :meth:`~train.methods.base.Method.backbone_state_dict` gives
-(PASS: the teacher's ViT, as DINO and PASS export; MMGL: the ResNet), read from the checkpoint
-without building the rest of the training state (the method is built on the meta device and
-the saved tensors are assigned to it).
+What to export comes from the training side (:mod:`train.export` reads a checkpoint and calls
+:func:`write_export`; the command is ``reid-export`` / ``python -m train.export``): this module
+knows backbones and key layouts only, never checkpoints or methods.
 
 Formats (:data:`FORMATS`; each is a key conversion living next to its model):
 
-- ``native``: ``{"format", "backbone": {"factory", "kwargs"}, "state_dict", "source"}``, the
-  project's own keys; :func:`load_backbone` rebuilds the model and loads it strictly.
+- ``native``: ``{"format", "backbone": {"name", "kwargs"}, "state_dict", "source"}``, the
+  project's own keys and the :class:`~models.registry.BackboneSpec` to rebuild it;
+  :func:`models.weights.load_backbone` rebuilds the model and loads it strictly.
 - ``transreid``: a plain ``state_dict`` in timm's / TransReID's ViT layout
   (:func:`models.vit.to_timm_state_dict`): ``patch_embed.proj.*``, ``cls_token``, ``pos_embed``
   ``(1, 1 + N, D)``, ``blocks.N.*``, ``norm.*``, plus the extra keys ``part_tokens`` and
@@ -20,112 +17,72 @@ Formats (:data:`FORMATS`; each is a key conversion living next to its model):
 - ``pass_reid``: a plain ``state_dict`` for PASS-reID's own fine-tuning ViT
   (:func:`models.vit.to_pass_reid_state_dict`: ``part_token{k}``, ``cls_pos``, ``part{k}_pos``,
   ``pos_embed`` of the patches only).
-
 - ``torchvision`` / ``torchvision_rgb`` / ``agw`` (ResNet backbones, :mod:`models.resnet`):
   torchvision's ResNet-50 keys (a one-stream model; ``torchvision_rgb`` keeps the RGB stem of a
   two-stream one) and the AGW ``embed_net`` keys (load with ``strict=False``).
 
 To add a format: put the key conversion in the model's file and add an :class:`ExportFormat` to
-:data:`FORMATS` naming the backbone module it applies to.
+:data:`FORMATS` naming the backbone family (:attr:`models.registry.BackboneEntry.family`) it
+applies to.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib
 import os
-import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import nn
 
+from common.errors import UserError
+from models.registry import BackboneSpec, backbone_entry
 from models.resnet import to_agw_state, to_torchvision_rgb_state, to_torchvision_state
 from models.vit import to_pass_reid_state_dict, to_timm_state_dict
-from common.cli import run_cli
-from common.errors import UserError
-
-NATIVE_FORMAT = "reid-pretrain/native-backbone/1"
-StateDict = dict[str, torch.Tensor]
+from models.weights import NATIVE_FORMAT, StateDict
 
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """``convert(state_dict) -> state_dict`` for backbones built by a factory in module
-    ``backbone_module`` (None: any backbone)."""
+    """``convert(state_dict) -> state_dict`` for backbones of ``family`` (None: any backbone)."""
 
     convert: Callable[[StateDict], StateDict]
-    backbone_module: Optional[str]
+    family: Optional[str]
     description: str
 
 
 FORMATS: dict[str, ExportFormat] = {
-    "native": ExportFormat(dict, None, "the project's keys + how to rebuild the backbone (models.export.load_backbone)"),
-    "transreid": ExportFormat(to_timm_state_dict, "models.vit", "timm / TransReID ViT keys (+ part_tokens, part_pos_embed)"),
-    "pass_reid": ExportFormat(to_pass_reid_state_dict, "models.vit", "PASS-reID fine-tuning ViT keys"),
-    "torchvision": ExportFormat(to_torchvision_state, "models.resnet", "torchvision ResNet-50 keys (one-stream models)"),
-    "torchvision_rgb": ExportFormat(to_torchvision_rgb_state, "models.resnet", "torchvision ResNet-50 keys, the RGB stem of a two-stream model"),
-    "agw": ExportFormat(to_agw_state, "models.resnet", "AGW cross-modal embed_net keys (load with strict=False)"),
+    "native": ExportFormat(dict, None, "the project's keys + how to rebuild the backbone (models.weights.load_backbone)"),
+    "transreid": ExportFormat(to_timm_state_dict, "vit", "timm / TransReID ViT keys (+ part_tokens, part_pos_embed)"),
+    "pass_reid": ExportFormat(to_pass_reid_state_dict, "vit", "PASS-reID fine-tuning ViT keys"),
+    "torchvision": ExportFormat(to_torchvision_state, "resnet", "torchvision ResNet-50 keys (one-stream models)"),
+    "torchvision_rgb": ExportFormat(to_torchvision_rgb_state, "resnet", "torchvision ResNet-50 keys, the RGB stem of a two-stream model"),
+    "agw": ExportFormat(to_agw_state, "resnet", "AGW cross-modal embed_net keys (load with strict=False)"),
 }
 
 
-@dataclass
-class ExportedBackbone:
-    """The backbone of a checkpoint: native ``state_dict``, how to rebuild it, where it came from."""
-
-    state_dict: StateDict
-    factory: Optional[str]
-    kwargs: dict[str, Any]
-    source: dict[str, Any]
-
-
-def read_backbone(checkpoint: str | os.PathLike) -> ExportedBackbone:
-    """The method's backbone from a checkpoint folder (or a run folder: its latest checkpoint)."""
-    from train.checkpointing import load_model_state, read_json, resolve_checkpoint
-    from train.config import load_config
-    from train.methods import METHODS
-
-    folder = resolve_checkpoint(str(checkpoint), checkpoint)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise UserError(f"{folder} has no config.json: it was not written by train.pretrain")
-    config = load_config(config_path)
-    state = load_model_state(folder)
-    with torch.device("meta"):
-        method = METHODS[config.method].method(config.method_config)
-    try:
-        method.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:
-        raise UserError(f"the weights of {folder} do not match its config.json: {err}") from None
-    spec = method.backbone_spec()
-    step = read_json(folder / "trainer_state.json").get("step")
-    return ExportedBackbone(
-        state_dict={k: v.detach().clone() for k, v in method.backbone_state_dict().items()},
-        factory=spec.factory if spec else None,
-        kwargs=dict(spec.kwargs) if spec else {},
-        source={"checkpoint": str(folder.resolve()), "method": config.method, "preset": config.preset, "step": step},
-    )
-
-
-def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Path:
-    """Write the backbone of ``checkpoint`` to ``out`` in format ``fmt``; returns ``out``."""
+def export_payload(state_dict: StateDict, spec: Optional[BackboneSpec], fmt: str,
+                   source: Mapping[str, Any]) -> Any:
+    """What the file of format ``fmt`` holds for a backbone ``state_dict`` (native keys) built by
+    ``spec`` (None: unknown); ``source`` (where it came from) is kept by the native format."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     chosen = FORMATS[fmt]
-    backbone = read_backbone(checkpoint)
-    module = (backbone.factory or "").partition(":")[0]
-    if chosen.backbone_module is not None and module != chosen.backbone_module:
-        raise UserError(f"format {fmt!r} is for {chosen.backbone_module} backbones; this checkpoint's backbone "
-                        f"is {backbone.factory or 'unknown'}")
+    family = backbone_entry(spec.name).family if spec else None
+    if chosen.family is not None and family != chosen.family:
+        raise UserError(f"format {fmt!r} is for {chosen.family} backbones; this checkpoint's backbone "
+                        f"is {spec.name if spec else 'unknown'}")
     if fmt == "native":
-        payload: Any = {"format": NATIVE_FORMAT, "backbone": {"factory": backbone.factory, "kwargs": backbone.kwargs},
-                        "state_dict": backbone.state_dict, "source": backbone.source}
-    else:
-        payload = chosen.convert(backbone.state_dict)
+        return {"format": NATIVE_FORMAT, "backbone": spec.to_dict() if spec else {}, "state_dict": state_dict,
+                "source": dict(source)}
+    return chosen.convert(state_dict)
+
+
+def write_export(payload: Any, out: str | os.PathLike) -> Path:
+    """``torch.save(payload)`` to ``out`` through a temporary file (never a half-written export
+    under the final name); an unwritable ``out`` is a one-line :class:`UserError`."""
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name, e.g. {out / 'backbone.pth'}")
@@ -134,7 +91,7 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike) -> P
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:  # opened here: a clear OSError (torch.save's own is a RuntimeError)
             torch.save(payload, f)
-        os.replace(tmp, out)  # never a half-written export under the final name
+        os.replace(tmp, out)
     except OSError as err:
         with contextlib.suppress(OSError):  # absent, or its folder is not one
             tmp.unlink()
@@ -143,69 +100,4 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike) -> P
     return out
 
 
-def read_weights_file(path: str | Path) -> Any:
-    """What a weights file holds (``.safetensors``, or ``torch.load`` with ``weights_only``);
-    a missing or unreadable file is a one-line :class:`UserError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: a user error, whatever the loader raised
-        # torch.load's messages run over many lines (and suggest weights_only=False): keep the gist.
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        reason = "not a weights file (tensors saved with torch.save or safetensors)" if isinstance(
-            err, pickle.UnpicklingError) else (lines[0] if lines else type(err).__name__)
-        raise UserError(f"cannot read weights from {path}: {reason}") from None
-
-
-def load_backbone(path: str | os.PathLike) -> nn.Module:
-    """Rebuild and load a ``native`` export: the backbone module, weights loaded strictly."""
-    payload = read_weights_file(path)
-    if not isinstance(payload, dict) or payload.get("format") != NATIVE_FORMAT:
-        raise UserError(f"{path} is not a native export (written by `python -m models.export --format native`)")
-    spec = payload["backbone"]
-    if not spec.get("factory"):
-        raise UserError(f"{path} does not say how to rebuild its backbone; build it yourself and load "
-                        "payload['state_dict']")
-    module_name, _, function = spec["factory"].partition(":")
-    model = getattr(importlib.import_module(module_name), function)(**_tuples(spec["kwargs"]))
-    model.load_state_dict(payload["state_dict"], strict=True)
-    return model
-
-
-def _tuples(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """JSON lists back to the tuples the factories take (e.g. ``img_size``)."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    formats = "\n".join(f"  {name:<10} {f.description}" for name, f in FORMATS.items())
-    parser = argparse.ArgumentParser(
-        prog="python -m models.export",
-        description="Export the pre-trained backbone (PASS: the teacher ViT) of a train.pretrain checkpoint.",
-        epilog=f"formats:\n{formats}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("checkpoint", help="a checkpoint folder (RUN/checkpoints/step_*) or a run folder (its latest)")
-    parser.add_argument("--format", default="native", choices=list(FORMATS), help="key layout (default: native)")
-    parser.add_argument("--out", required=True, help="file to write (torch.save)")
-    args = parser.parse_args(argv)
-    path = export(args.checkpoint, args.format, args.out)
-    print(f"wrote {path} ({args.format})")
-    return 0
-
-
-def entry_point() -> None:
-    raise SystemExit(run_cli(main))
-
-
-if __name__ == "__main__":
-    entry_point()
-
-
-__all__ = ["ExportFormat", "ExportedBackbone", "FORMATS", "export", "load_backbone", "read_backbone", "read_weights_file"]
+__all__ = ["ExportFormat", "FORMATS", "export_payload", "write_export"]

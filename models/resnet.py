@@ -14,8 +14,9 @@ table: ``layer1.0.conv1.weight``, ``layer1.0.downsample.0.weight``, ``layer4.2.b
   under ``stems``: ``stems.rgb.conv1.weight``, ``stems.rgb.bn1.*``, ``stems.ir.conv1.weight``,
   ``stems.ir.bn1.*``, then the shared ``layer1`` .. ``layer4`` with torchvision's names.
 
-Both return the ``layer4`` feature map ``(B, 2048, H/16, W/16)`` (with ``last_stride=1``); pooling
-and heads belong to the method. Both work with ``channels_last`` inputs and weights: nothing
+Both return the ``layer4`` feature map ``(B, 2048, H/16, W/16)`` (with ``last_stride=1``); heads
+belong to the method. Their global ReID feature (:meth:`global_feature`, what
+:class:`models.reid.ReIDModel` uses) is the GeM of that map (AGW). Both work with ``channels_last`` inputs and weights: nothing
 here calls ``.view`` on an activation.
 """
 
@@ -28,6 +29,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.modality import MODALITY_CODE
+from models.pooling import gem
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 
@@ -126,6 +128,8 @@ class _ResNetBase(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
             in_channels = width * Bottleneck.expansion
         self.num_features = in_channels
+        #: Size of :meth:`global_feature` (the ReID model's feature).
+        self.feature_dim = in_channels
         self._init_weights(zero_init_residual)
 
     def _build_stem(self, width: int) -> None:
@@ -172,6 +176,15 @@ class ResNet(_ResNetBase):
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         return self.forward_layers(x)
 
+    def forward_pair(self, rgb: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
+        """Feature maps of an RGB half and an IR half through the shared stem:
+        ``(B, 3, H, W)`` x 2 -> ``(2B, num_features, H/16, W/16)``, RGB rows first."""
+        return self(torch.cat([rgb, ir]))
+
+    def global_feature(self, images: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """GeM of the feature map: ``(B, 3, H, W)`` -> ``(B, num_features)`` (``modality`` unused)."""
+        return gem(self(images))
+
 
 class TwoStreamResNet(_ResNetBase):
     """Two-stream ResNet (AGW layout): an RGB stem and an IR stem, shared ``layer1`` .. ``layer4``.
@@ -203,6 +216,17 @@ class TwoStreamResNet(_ResNetBase):
         # ``features`` is grouped by modality; gathering with the inverse of ``order`` puts every
         # row back at its input position. Tensor indexing keeps channels_last (index_select does not).
         return self.forward_layers(features[torch.argsort(order)])
+
+    def forward_pair(self, rgb: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
+        """Feature maps of an RGB half and an IR half, each through its own stem (no
+        data-dependent routing): ``(B, 3, H, W)`` x 2 -> ``(2B, num_features, H/16, W/16)``, RGB rows
+        first. Each stem sees only its modality, so its BatchNorm statistics do too."""
+        return self.forward_layers(torch.cat([self.stems["rgb"](rgb), self.stems["ir"](ir)]))
+
+    def global_feature(self, images: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+        """GeM of the feature map, each image through its modality's stem: ``(B, 3, H, W)``,
+        ``(B,)`` -> ``(B, num_features)``."""
+        return gem(self(images, modality))
 
 
 def resnet50(last_stride: int = 1, zero_init_residual: bool = False) -> ResNet:

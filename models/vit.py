@@ -181,6 +181,8 @@ class VisionTransformer(nn.Module):
         self.img_size = tuple(img_size)
         self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.embed_dim = embed_dim
+        #: Size of :meth:`global_feature`: CLS and the mean PART token side by side.
+        self.feature_dim = 2 * embed_dim
         self.num_parts = num_parts
         # Prefix length of a global view (timm's attribute); a local view has 2 (CLS, PART_k).
         self.num_prefix_tokens = 1 + num_parts
@@ -254,6 +256,12 @@ class VisionTransformer(nn.Module):
         tokens = self.forward_features(images, region)
         num_parts = self.num_parts if region is None else 1
         return ViTOutput(tokens[:, 0], tokens[:, 1 : 1 + num_parts], tokens[:, 1 + num_parts :])
+
+    def global_feature(self, images: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        """The ReID feature of global views, ``cat(CLS, mean(PART_k))`` (the PASS / TransReID
+        fine-tuning feature): ``(B, 3, H, W)`` -> ``(B, feature_dim)`` (``modality`` unused)."""
+        out = self(images)
+        return torch.cat([out.cls, out.parts.mean(dim=1)], dim=1)
 
 
 def vit_small(num_parts: int = 3, img_size: tuple[int, int] = (256, 128), drop_path_rate: float = 0.0) -> VisionTransformer:

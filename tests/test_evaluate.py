@@ -15,17 +15,10 @@ import torch
 
 from common.errors import UserError
 from shards.manifest import load_manifest
-from train.evaluate import (
-    RankMetrics,
-    check_protocol,
-    compute_metrics,
-    distance_matrix,
-    format_table,
-    main,
-    regdb_results,
-    sysu_gallery_trial,
-    SplitFeatures,
-)
+from train.evaluate import main
+from train.evaluation.features import SplitFeatures
+from train.evaluation.metrics import RankMetrics, compute_metrics, distance_matrix
+from train.evaluation.protocols import check_protocol, format_table, regdb_results, sysu_gallery_trial
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +101,7 @@ def test_blocks_and_torch_input_give_the_same_numbers(monkeypatch):
     rng = np.random.default_rng(5)
     dist, qp, gp, qc, gc = random_problem(rng, 50, 30, 6, [1, 2, 3, 6])
     whole = compute_metrics(dist, qp, gp, qc, gc, "sysu")
-    monkeypatch.setattr("train.evaluate.BLOCK_ELEMENTS", 64)  # blocks of 2 queries
+    monkeypatch.setattr("train.evaluation.metrics.BLOCK_ELEMENTS", 64)  # blocks of 2 queries
     blocked = compute_metrics(torch.from_numpy(dist), torch.from_numpy(qp), gp, qc, torch.from_numpy(gc), "sysu")
     np.testing.assert_allclose(blocked.cmc, whole.cmc)
     assert (blocked.mAP, blocked.mINP) == pytest.approx((whole.mAP, whole.mINP))
@@ -286,7 +279,7 @@ def test_rankmetrics_fields():
 
 
 def test_merge_trials_averages_separate_runs():
-    from train.evaluate import ProtocolResult, merge_trials
+    from train.evaluation.protocols import ProtocolResult, merge_trials
 
     def run(trial, r1, m):
         return [ProtocolResult("regdb visible->thermal", "regdb", [trial], [r1] * 20, m, m, 10, 10.0,
@@ -331,7 +324,7 @@ def market_shards(tmp_path_factory):
 
 
 def _extract(shards, split="gallery", **kwargs):
-    from train.evaluate import extract_features
+    from train.evaluation.features import extract_features
 
     return extract_features(lambda views, modality: views.flatten(1)[:, :16] + modality[:, None], shards, split,
                             size=(32, 16), transform=lambda images: images.float() / 255, batch_size=4,
@@ -363,7 +356,7 @@ def test_labels_reach_the_host_in_one_copy(market_shards, monkeypatch):
     original = torch.Tensor.cpu
 
     def counted(self, *args, **kwargs):
-        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("train", "evaluate.py")):
+        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("train", "evaluation", "features.py")):
             copies.append(tuple(self.shape))
         return original(self, *args, **kwargs)
 

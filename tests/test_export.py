@@ -9,12 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from models.export import export, load_backbone, main as export_main
+from models.weights import load_backbone
 from models.vit import Block, PatchEmbed, VisionTransformer
 from pass_tiny_data import tiny_args, tiny_shards
 from common.cli import run_cli
 from common.errors import UserError
 from train.checkpointing import load_model_state
+from train.export import export, main as export_main
 from train.pretrain import main as pretrain_main
 
 D, N, K, DEPTH = 48, 8, 3, 2  # vit_tiny_test on 64x32: a 4x2 patch grid

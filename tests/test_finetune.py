@@ -10,21 +10,21 @@ import json
 import pytest
 import torch
 
-from models.export import NATIVE_FORMAT
+from models.registry import create_backbone
+from models.reid import ReIDModel
+from models.weights import NATIVE_FORMAT, load_backbone_weights
 from models.resnet import resnet_tiny_test
 from common.cli import run_cli
 from common.errors import UserError
 from train.checkpointing import load_model_state
 from train.finetune import (
-    ReIDModel,
-    build_backbone,
-    load_backbone,
     load_for_evaluation,
     lr_factors,
     resolve_config,
     run_finetune,
 )
-from train import evaluate as evaluate_cli
+from train.evaluate import main as evaluate_main
+from train.evaluation import protocols as evaluation
 
 QUIET = ["--progress_bar", "false", "--tensorboard", "false"]
 
@@ -83,7 +83,7 @@ def test_tiny_agw_finetune_runs_evaluates_and_resumes_exactly(sysu_shards, tmp_p
     out = tmp_path / "eval.json"
     argv = ["--checkpoint", str(tmp_path / "whole"), "--shards", str(sysu_shards), "--protocol", "sysu",
             "--trials", "2", "--out", str(out)]
-    assert run_cli(evaluate_cli.main, argv) == 0
+    assert run_cli(evaluate_main, argv) == 0
     report = json.loads(out.read_text())
     assert report["results"][0]["R1"] == pytest.approx(result.rank(1))
     assert report["results"][0]["trials"] == [0, 1]
@@ -96,17 +96,17 @@ def test_native_export_initialises_and_evaluates(sysu_shards, tmp_path, capsys):
     torch.save({"format": NATIVE_FORMAT, "backbone": {"factory": "models.resnet:resnet_tiny_test",
                                                       "kwargs": {"two_stream": True}},
                 "state_dict": exported.state_dict(), "source": {}}, path)
-    backbone = build_backbone("resnet_tiny_two_stream", (64, 32))
-    load_backbone(backbone, path)
+    backbone = create_backbone("resnet_tiny_two_stream", (64, 32))
+    load_backbone_weights(backbone, path)
     for key, value in exported.state_dict().items():
         assert torch.equal(backbone.state_dict()[key], value)
     with pytest.raises(UserError, match="does not fit a ResNet"):
-        load_backbone(build_backbone("resnet_tiny", (64, 32)), path)
+        load_backbone_weights(create_backbone("resnet_tiny", (64, 32)), path)
     loaded = load_for_evaluation(path, device="cpu", size=(64, 32))
     assert loaded.size == (64, 32) and loaded.regdb_trial is None
     argv = ["--checkpoint", str(path), "--shards", str(sysu_shards), "--protocol", "sysu-indoor", "--trials", "2",
             "--size", "64", "32"]
-    assert run_cli(evaluate_cli.main, argv) == 0
+    assert run_cli(evaluate_main, argv) == 0
     assert "sysu indoor-search" in capsys.readouterr().out
 
 
@@ -115,7 +115,7 @@ def test_tiny_vit_finetune_on_market(market_shards, tmp_path):
                                "--warmup_epochs", "0", preset="transreid-tiny"))
     assert [r.setting for r in result.metrics] == ["market"]
     assert result.history[-1]["kind"] == "eval"
-    model = ReIDModel(build_backbone("vit_tiny", (64, 32)), 3)
+    model = ReIDModel(create_backbone("vit_tiny", (64, 32)), 3)
     assert model.feature_dim == 96  # cat(CLS, mean of parts)
 
 
@@ -168,7 +168,7 @@ def test_a_file_that_is_not_weights_is_a_one_line_error(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:100])
     for path in (not_weights, truncated):
         with pytest.raises(UserError, match="cannot read weights") as caught:
-            load_backbone(resnet_tiny_test(), path)
+            load_backbone_weights(resnet_tiny_test(), path)
         assert "\n" not in str(caught.value) and "weights_only=False" not in str(caught.value)
         with pytest.raises(UserError, match="cannot read weights") as caught:
             load_for_evaluation(path, device="cpu")  # train.evaluate's way in
@@ -292,7 +292,7 @@ class _TwoRanks:
 
 @pytest.mark.parametrize("mine_rows, peer_rows", [(3, 2), (2, 3), (2, 2)])
 def test_gather_rows_concatenates_parts_of_different_lengths(mine_rows, peer_rows):
-    from train.finetune import gather_rows
+    from train.runtime import gather_rows
 
     mine = torch.arange(1, 2 * mine_rows + 1).view(mine_rows, 2)
     peer = torch.arange(101, 101 + 2 * peer_rows).view(peer_rows, 2)
@@ -333,6 +333,6 @@ def test_two_processes_share_the_evaluation_and_match_one(sysu_shards, tmp_path)
     assert len(summaries) == 2 and {} in summaries  # process 0 alone ranks
     shared = next(summary for summary in summaries if summary)
     loaded = load_for_evaluation(tmp_path / "run", device="cpu")  # the same model, one process
-    results = evaluate_cli.evaluate(loaded.embed, sysu_shards, "sysu", size=loaded.size, transform=loaded.transform,
+    results = evaluation.evaluate(loaded.embed, sysu_shards, "sysu", size=loaded.size, transform=loaded.transform,
                                     trials=2, batch_size=64, device="cpu", progress=False)
     assert shared == {r.setting: r.summary() for r in results}

@@ -83,7 +83,7 @@ def test_exports_refuse_foreign_keys():
 
 
 def test_backbone_state_dict_has_no_heads():
-    method = MMGL(MMGLConfig(backbone="tiny", image_size=(96, 48)))
+    method = MMGL(MMGLConfig(backbone="resnet_tiny_two_stream", image_size=(96, 48)))
     keys = set(method.backbone_state_dict())
     assert keys == set(resnet_tiny_test(two_stream=True).state_dict())
     assert not any("head" in k or "projection" in k for k in keys)
@@ -133,7 +133,7 @@ def test_a_single_slot_batch_is_a_one_line_error(mmgl_shards, tmp_path, capsys):
 
 
 def test_tiny_preset_through_the_loop_and_agw_export(mmgl_shards, tmp_path):
-    from models.export import export
+    from train.export import export
     from train.pretrain import main
 
     out = tmp_path / "run"

@@ -378,7 +378,7 @@ def test_token_heads_count_independence_and_routing():
 def test_narrow_resnet_is_the_same_network_at_width_32():
     """One bottleneck per layer at width 32: 4 x 8 x 32 = 1,024 output channels, 18x9 at 288x144;
     the fine-tuning code recognises it from the stem width of an export."""
-    from train.finetune import infer_arch
+    from models.weights import infer_arch
 
     two = resnet_narrow(two_stream=True).eval()
     with torch.no_grad():

@@ -140,4 +140,4 @@ def test_backbone_export_is_the_teacher_vit():
     assert torch.equal(state["cls_token"], torch.full((1, 1, 48), 3.0))
     assert "part_tokens" in state and not any(k.startswith(("heads", "student")) for k in state)
     spec = method.backbone_spec()
-    assert spec.factory == "models.vit:vit_tiny_test" and spec.kwargs == {"num_parts": 3, "img_size": [64, 32]}
+    assert spec.name == "vit_tiny" and spec.kwargs == {"num_parts": 3, "img_size": [64, 32]}

@@ -17,7 +17,8 @@ from common.cli import run_cli
 from train.checkpointing import STATE_FILE, list_checkpoints, load_model_state
 from train.methods.base import StepOutput
 from train.methods.pass_method import PASS
-from train.pretrain import EXIT_NON_FINITE, main
+from train.pretrain import main
+from train.runtime import EXIT_NON_FINITE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +168,7 @@ def test_runs_with_other_precisions_follow_each_other_in_one_process():
     notebook): accelerate alone refuses the second Accelerator."""
     from accelerate import Accelerator
 
-    from train.pretrain import new_accelerator
+    from train.runtime import new_accelerator
 
     assert new_accelerator(cpu=True, mixed_precision="bf16").mixed_precision == "bf16"
     with pytest.raises(ValueError, match="already been initialized"):

@@ -10,7 +10,7 @@ Stages (each prints one line with its time when it ends)::
     shards     shards build + verify + the summary table and contact-sheet.png (reused when up
                to date with the data)
     pretrain   python -m train.pretrain (resumes from its last checkpoint)
-    export     python -m models.export --format native (recomputed: a second)
+    export     python -m train.export --format native (recomputed: a second)
     finetune   python -m train.finetune from the export, then from random init, each evaluated
                under the layout's protocol (SYSU-MM01 all-search, 10 trials / Market-1501)
 
@@ -48,8 +48,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from common.cli import run_cli
 from common.errors import UserError
+from shards.build import build
+from shards.inspection import contact_sheet, random_samples, summary_table
+from shards.manifest import MANIFEST_NAME
+from shards.synthetic import generate
+from shards.verify import verify
+from train.checkpointing import CHECKPOINTS, STATE_FILE, list_checkpoints, resolve_checkpoint
+from train.config import resolve_config as pretrain_config
+from train.export import export
+from train.finetune import resolve_config as finetune_config
 
 METHOD_LAYOUTS = {"mmgl": "sysu-mm01", "pass": "market1501"}
 METHOD_TITLES = {"mmgl": "MMGL pre-trained", "pass": "PASS pre-trained"}
@@ -293,8 +304,6 @@ def _duration(seconds: float) -> str:
 def stage_data(demo: Demo, records: StageRecords) -> tuple[None, str]:
     """The synthetic dataset (generated once per size and seed; the generator writes a hidden
     folder and renames it, so an existing ``data/`` is complete)."""
-    from shards.synthetic import generate
-
     key = {"layout": demo.layout, "ids": demo.ids, "images_per_id": demo.images_per_id, "seed": demo.seed}
     if records.start("data", key, demo.data_dir) == "same" and demo.data_dir.is_dir():
         return None, f"reused {demo.data_dir}"
@@ -308,11 +317,6 @@ def stage_shards(demo: Demo) -> tuple[Any, str]:
     """Shards of the data, verified, with their summary table and a contact sheet. The builder
     itself reuses shards up to date with the inputs; the folder is the demo's own, so shards of
     other inputs (a new dataset size) are replaced."""
-    from shards.build import build
-    from shards.inspection import contact_sheet, random_samples, summary_table
-    from shards.manifest import MANIFEST_NAME
-    from shards.verify import verify
-
     manifest_file = demo.shards_dir / MANIFEST_NAME
     before = manifest_file.stat().st_mtime_ns if manifest_file.is_file() else None
     manifest = build(demo.layout, demo.data_dir, demo.shards_dir, seed=demo.seed, workers=demo.workers,
@@ -336,8 +340,6 @@ def pretrain_tokens(demo: Demo) -> list[str]:
 
 def pretrain_state(demo: Demo, max_steps: int) -> Optional[tuple[int, int]]:
     """``(steps done, steps the run will make)`` of the latest checkpoint, or None."""
-    from train.checkpointing import CHECKPOINTS, STATE_FILE, list_checkpoints
-
     found = list_checkpoints(demo.pretrain_dir / CHECKPOINTS)
     if not found:
         return None
@@ -348,9 +350,7 @@ def pretrain_state(demo: Demo, max_steps: int) -> Optional[tuple[int, int]]:
 
 def stage_pretrain(demo: Demo, records: StageRecords, fingerprint: str) -> tuple[None, str]:
     """Pre-train in a child process; resume an unfinished run, skip a finished one."""
-    from train.config import resolve_config
-
-    config = resolve_config(demo.method, demo.plan.pretrain_preset, pretrain_tokens(demo))
+    config = pretrain_config(demo.method, demo.plan.pretrain_preset, pretrain_tokens(demo))
     key = {"config": config.to_dict(), "shards": fingerprint}
     key["config"]["train"].pop("progress_bar")  # display only: never a reason to recompute
     status = records.start("pretrain", key, demo.pretrain_dir)
@@ -372,8 +372,6 @@ def stage_pretrain(demo: Demo, records: StageRecords, fingerprint: str) -> tuple
 
 def stage_export(demo: Demo) -> tuple[None, str]:
     """The pre-trained backbone in the native format (recomputed every run: it takes a second)."""
-    from models.export import export
-
     export(demo.pretrain_dir, "native", demo.backbone_file)
     return None, f"wrote {demo.backbone_file}"
 
@@ -388,10 +386,8 @@ def finetune_tokens(demo: Demo, init: str) -> list[str]:
 def stage_finetune(demo: Demo, records: StageRecords, init: str, fingerprint: str) -> tuple[dict, str]:
     """Fine-tune and evaluate in a child process (``--resume latest``: an interrupted run
     continues); a finished run with the same settings and init is reused."""
-    from train.finetune import resolve_config
-
     init_arg = str(demo.backbone_file) if init == "pretrained" else "random"
-    config = resolve_config(demo.plan.finetune_preset, finetune_tokens(demo, init), shards=str(demo.shards_dir),
+    config = finetune_config(demo.plan.finetune_preset, finetune_tokens(demo, init), shards=str(demo.shards_dir),
                             init=init_arg)
     key = {"config": {k: v for k, v in asdict(config).items() if k != "progress_bar"}, "shards": fingerprint,
            "init": _sha256(demo.backbone_file) if init == "pretrained" else "random"}
@@ -424,8 +420,6 @@ def run_child(command: list[str], log: Path, progress: bool) -> None:
 
 def read_finetune(out: Path) -> dict:
     """Final metrics (``results.json``) and history (the latest checkpoint's) of a fine-tuning run."""
-    from train.checkpointing import STATE_FILE, resolve_checkpoint
-
     report = json.loads((out / RESULTS_FILE).read_text())
     first = report["results"][0]
     history = json.loads((resolve_checkpoint("latest", out) / STATE_FILE).read_text()).get("history", [])
@@ -504,8 +498,6 @@ def write_curves(demo: Demo, pretrain: list[dict], runs: dict[str, dict], path: 
 
 def results_document(demo: Demo, manifest, pretrain: list[dict], runs: dict[str, dict], stages: list[dict]) -> dict:
     """Everything measured, for ``results.json``."""
-    import torch
-
     return {
         "method": demo.method, "scale": demo.scale,
         "dataset": {"layout": demo.layout, "root": str(demo.data_dir), "synthetic": demo.root is None,
@@ -535,9 +527,6 @@ def results_document(demo: Demo, manifest, pretrain: list[dict], runs: dict[str,
 def check_settings(demo: Demo) -> None:
     """Resolve and validate both configurations up front, so a bad ``--pretrain`` /
     ``--finetune`` value is a one-line error before any data is made or trained on."""
-    from train.config import resolve_config as pretrain_config
-    from train.finetune import resolve_config as finetune_config
-
     pretrain_config(demo.method, demo.plan.pretrain_preset, pretrain_tokens(demo)).train.validate()
     finetune_config(demo.plan.finetune_preset, finetune_tokens(demo, "random"), shards=str(demo.shards_dir),
                     init="random").validate()

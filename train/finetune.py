@@ -25,27 +25,27 @@ before``). Schedules move every step (TransReID steps once per epoch).
 
 ``agw-tiny`` / ``transreid-tiny`` -- the same code paths at toy size for tests and the CPU demo.
 
-Evaluation: every ``eval_every`` epochs and at the end, with :func:`train.evaluate.evaluate`
+Evaluation: every ``eval_every`` epochs and at the end, with :func:`train.evaluation.protocols.evaluate`
 (SYSU-MM01: all-search, ``eval_trials`` galleries; RegDB: the trained trial, both directions;
 Market-style layouts: the market rule). Every process embeds its part of the test images
-(:func:`gather_rows` collects them) and process 0 ranks, so with several processes no one waits
+(:func:`train.runtime.gather_rows` collects them) and process 0 ranks, so with several processes no one waits
 at a collective for a whole evaluation. The final table is printed once, after the bar closes.
 
 Losses are checked every ``log_every`` steps, at epoch ends and before every checkpoint, as in
-pre-training (:func:`train.pretrain.check_losses`): a non-finite loss stops the run
-(:class:`train.pretrain.NonFiniteLoss`; the command exits with status 3) naming the step and the
+pre-training (:class:`train.runtime.LossCheck`): a non-finite loss stops the run
+(:class:`train.runtime.NonFiniteLoss`; the command exits with status 3) naming the step and the
 losses, and no checkpoint is written after it. Bad settings exit with status 2.
 
 Outputs (``output_dir``): ``config.json``; ``checkpoints/step_N/`` (:mod:`train.checkpointing`:
-``model.safetensors`` = :class:`ReIDModel` state dict, optimizer, random states, the source's
+``model.safetensors`` = :class:`models.reid.ReIDModel` state dict, optimizer, random states, the source's
 position, ``trainer_state.json`` with the history, ``finetune.json`` = config + class count);
 ``metrics.jsonl`` (one JSON object per logged step / epoch / evaluation); ``tensorboard/``;
 ``results.json`` (final metrics). A checkpoint folder or the run folder is what
 ``python -m train.evaluate --checkpoint`` takes.
 
-Initialisation (``--init``): ``random`` or a backbone file: a state dict with this project's
-module names (:mod:`models.resnet` / :mod:`models.vit`, as ``models.export --format native``
-writes), possibly nested under ``state_dict`` / ``model`` / ``backbone`` or prefixed
+Initialisation (``--init``): ``random`` or a backbone file (:mod:`models.weights`): a state dict
+with this project's module names (:mod:`models.resnet` / :mod:`models.vit`, as ``reid-export
+--format native`` writes), possibly nested under ``state_dict`` / ``model`` / ``backbone`` or prefixed
 ``backbone.`` / ``module.``. Every backbone weight must be present: missing or unexpected keys
 are an error naming them. Only the backbone is loaded; BNNeck and classifier start fresh.
 """
@@ -65,25 +65,48 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.export import read_weights_file
-from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_narrow, resnet_tiny_test
-from models.vit import VisionTransformer, vit_base, vit_small, vit_tiny_test
-from pipelines.views.finetune import FinetuneViews
 from common.cli import run_cli
 from common.errors import UserError
+from models.registry import backbone_entry, create_backbone
+from models.reid import ReIDModel
+from models.weights import backbone_from_file, load_backbone_weights
+from pipelines.samplers import CrossModalSampler
+from pipelines.sources import make_source
+from pipelines.sources.base import seed_of
+from pipelines.views.finetune import FinetuneViews
 from shards.manifest import Manifest, load_manifest
-from train.config import from_dict, parse_value, presets_help, setting, setting_pairs, settings_help
-from train.evaluate import LAYOUT_PROTOCOLS, Gather, ProtocolResult, check_protocol, evaluate, format_table
+from train.checkpointing import CHECKPOINTS, Checkpointer, load_model_state, read_json, resolve_checkpoint
+from train.evaluation.protocols import PROTOCOLS, ProtocolResult, check_protocol, default_protocol, evaluate, format_table
 from train.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
-from train.pretrain import EXIT_STATUS_HELP, NonFiniteLoss, check_losses, new_accelerator, non_finite_exit
+from train.runtime import (
+    EXIT_STATUS_HELP,
+    LossCheck,
+    MetricsLogger,
+    NonFiniteLoss,
+    check_run_dir,
+    gather_rows,
+    make_accelerator,
+    non_finite_exit,
+)
 from train.schedules import cosine_schedule
+from train.settings import (
+    from_dict,
+    parse_value,
+    presets_help,
+    read_config_file,
+    setting,
+    setting_pairs,
+    settings_help,
+    settings_tokens,
+)
 
 FORMAT = "reid-finetune/1"
 DOCUMENT = "finetune.json"
-GEM_P = 3.0
+CONFIG_FILE = "config.json"
 #: The losses logged and checked every ``log_every`` steps, in this order.
 LOSS_NAMES = ("loss", "id_loss", "triplet_loss")
 
@@ -91,6 +114,7 @@ LOSS_NAMES = ("loss", "id_loss", "triplet_loss")
 # Configuration and presets
 # --------------------------------------------------------------------------------------------
 
+#: The names of :data:`models.registry.BACKBONES` (a test checks they agree).
 Arch = Literal["resnet50_two_stream", "resnet50", "resnet_narrow_two_stream", "resnet_narrow", "resnet_tiny_two_stream", "resnet_tiny", "vit_small", "vit_base",
                "vit_tiny"]
 
@@ -185,7 +209,7 @@ class FinetuneConfig:
             raise UserError("--ids_per_batch must be at least 2: the triplet loss needs two identities per batch")
         if min(self.image_size) < 16:
             raise UserError(f"--image_size {self.image_size} is too small (at least 16 x 16)")
-        if self.arch.startswith("vit") and (self.image_size[0] % 16 or self.image_size[1] % 16):
+        if backbone_entry(self.arch).family == "vit" and (self.image_size[0] % 16 or self.image_size[1] % 16):
             raise UserError(f"--image_size {self.image_size}: a ViT needs multiples of its 16-pixel patch")
         if self.warmup_epochs > self.epochs:
             raise UserError(f"--warmup_epochs {self.warmup_epochs} is longer than the run ({self.epochs} epochs)")
@@ -246,137 +270,37 @@ PRESETS: dict[str, Callable[[], FinetuneConfig]] = {
 }
 
 
-def resolve_config(preset: str, overrides: list[str] = (), **values: Any) -> FinetuneConfig:
-    """The preset, then keyword ``values``, then ``--key value`` ``overrides`` (typed as in
-    :mod:`train.config`; an unknown key or bad value is a :class:`UserError`)."""
+DEFAULT_PRESET = "agw-sysu"
+
+
+def resolve_config(preset: Optional[str], overrides: list[str] = (), config_file: Optional[str | Path] = None,
+                   **values: Any) -> FinetuneConfig:
+    """The preset (``preset``, else the file's ``preset`` key, else :data:`DEFAULT_PRESET`), then
+    the settings of ``config_file`` (JSON or YAML: a run's ``config.json`` or a hand-written
+    ``key: value`` file), then keyword ``values``, then ``--key value`` ``overrides`` (typed as in
+    :mod:`train.settings`; an unknown key or bad value is a :class:`UserError`)."""
+    file_values = read_config_file(config_file) if config_file is not None else {}
+    preset = preset or file_values.pop("preset", None) or DEFAULT_PRESET
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
-    config = dataclasses.replace(PRESETS[preset](), **values)
-    for key, text in setting_pairs(list(overrides)):
-        name = key.replace("-", "_")
-        setattr(config, name, parse_value(config, name, text, key))
+    config = PRESETS[preset]()
+    apply_settings(config, settings_tokens(file_values))
+    config = dataclasses.replace(config, **values)
+    apply_settings(config, list(overrides))
     return config
 
 
-# --------------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------------
+def apply_settings(config: FinetuneConfig, tokens: list[str]) -> None:
+    """Set the ``--key value`` settings of ``tokens`` on ``config`` (dashes in keys count as
+    underscores)."""
+    for key, text in setting_pairs(tokens):
+        name = key.replace("-", "_")
+        setattr(config, name, parse_value(config, name, text, key))
 
 
-def gem(feature_map: torch.Tensor, p: float = GEM_P) -> torch.Tensor:
-    """Generalized-mean pooling as AGW: ``(B, C, H, W) -> (B, C)``, ``(mean(x^p) + 1e-12)^(1/p)``
-    (the input is post-ReLU, non-negative)."""
-    return (feature_map.float().pow(p).mean(dim=(2, 3)) + 1e-12).pow(1.0 / p)
-
-
-class ReIDModel(nn.Module):
-    """Backbone -> global feature -> BNNeck -> classifier.
-
-    Global feature ``(B, D)``: GeM of the ResNet map (D = 2048 for ResNet-50), or
-    ``cat(CLS, mean(PART_k))`` of the ViT (D = 2 x embed dim).
-    ``forward(images, modality)`` -> ``(features (B, D), logits (B, num_classes))``: features
-    before the BNNeck (triplet loss), logits of the BN feature (ID loss).
-    ``embed(images, modality, which)`` -> ``(B, D)`` test features, ``bn`` or ``pre_bn``.
-    ``modality`` ``(B,)`` (0 rgb, 1 ir) routes the two-stream stems; other backbones ignore it.
-    """
-
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        if isinstance(backbone, VisionTransformer):
-            dim = 2 * backbone.embed_dim
-        else:
-            dim = backbone.num_features
-        self.feature_dim = dim
-        self.bottleneck = nn.BatchNorm1d(dim)
-        self.bottleneck.bias.requires_grad_(False)  # BNNeck: no shift, as AGW / TransReID
-        self.classifier = nn.Linear(dim, num_classes, bias=False)
-        nn.init.normal_(self.classifier.weight, std=0.001)
-
-    def global_features(self, images: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.backbone, TwoStreamResNet):
-            return gem(self.backbone(images, modality))
-        if isinstance(self.backbone, ResNet):
-            return gem(self.backbone(images))
-        out = self.backbone(images)
-        return torch.cat([out.cls, out.parts.mean(dim=1)], dim=1)
-
-    def forward(self, images: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.global_features(images, modality)
-        return features, self.classifier(self.bottleneck(features))
-
-    def embed(self, images: torch.Tensor, modality: torch.Tensor, which: str = "bn") -> torch.Tensor:
-        features = self.global_features(images, modality)
-        return self.bottleneck(features) if which == "bn" else features
-
-
-def build_backbone(arch: str, image_size: tuple[int, int]) -> nn.Module:
-    """A fresh backbone of ``arch`` (ViTs learn position embeddings on ``image_size``'s grid)."""
-    builders: dict[str, Callable[[], nn.Module]] = {
-        "resnet50_two_stream": resnet50_two_stream,
-        "resnet50": resnet50,
-        "resnet_narrow_two_stream": lambda: resnet_narrow(two_stream=True),
-        "resnet_narrow": resnet_narrow,
-        "resnet_tiny_two_stream": lambda: resnet_tiny_test(two_stream=True),
-        "resnet_tiny": resnet_tiny_test,
-        "vit_small": lambda: vit_small(img_size=tuple(image_size)),
-        "vit_base": lambda: vit_base(img_size=tuple(image_size)),
-        "vit_tiny": lambda: vit_tiny_test(img_size=tuple(image_size)),
-    }
-    if arch not in builders:
-        raise UserError(f"unknown arch {arch!r}; expected one of: {', '.join(builders)}")
-    return builders[arch]()
-
-
-def read_backbone_state(path: str | Path, payload: Any = None) -> dict[str, torch.Tensor]:
-    """The backbone state dict in a file (module docstring: nesting and prefixes accepted);
-    ``payload``: the file's content when already read by :func:`models.export.read_weights_file`."""
-    path = Path(path)
-    if payload is None and not path.is_file():
-        raise UserError(f"backbone file {path} does not exist (give an export, or --init random)")
-    state = read_weights_file(path) if payload is None else payload
-    for key in ("state_dict", "model", "backbone", "teacher"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} does not hold a state dict of tensors")
-    for prefix in ("module.", "backbone."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def load_backbone(backbone: nn.Module, path: str | Path) -> None:
-    """Load an exported backbone into ``backbone``; every key must match (module docstring)."""
-    state = read_backbone_state(path)
-    own = backbone.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise UserError(
-            f"{path} does not fit a {type(backbone).__name__}: {len(missing)} missing key(s) "
-            f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}), {len(unexpected)} unexpected "
-            f"({', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}); export it with "
-            "`python -m models.export CHECKPOINT --format native`, or check --arch")
-    wrong = [k for k in own if own[k].shape != state[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise UserError(f"{path}: {len(wrong)} weight(s) of the wrong shape, e.g. {k} {tuple(state[k].shape)} "
-                        f"instead of {tuple(own[k].shape)} (another --arch or --image_size?)")
-    backbone.load_state_dict(state)
-
-
-def infer_arch(state: dict[str, torch.Tensor]) -> str:
-    """The ``arch`` of a native backbone state dict, from its keys and shapes."""
-    resnets = {64: "resnet50", 32: "resnet_narrow", 8: "resnet_tiny"}  # by stem width
-    if "stems.rgb.conv1.weight" in state:
-        return resnets.get(state["stems.rgb.conv1.weight"].shape[0], "?") + "_two_stream"
-    if "conv1.weight" in state:
-        return resnets.get(state["conv1.weight"].shape[0], "?")
-    if "patch_embed.proj.weight" in state:
-        return {384: "vit_small", 768: "vit_base", 48: "vit_tiny"}.get(state["patch_embed.proj.weight"].shape[0], "?")
-    raise UserError("the weights are neither a ResNet nor a ViT backbone of this project (unknown key layout); "
-                    "export them with `python -m models.export CHECKPOINT --format native`")
+def config_document(config: FinetuneConfig) -> str:
+    """The run's ``config.json``: every setting, what ``--config`` reads back to the same config."""
+    return json.dumps(dataclasses.asdict(config), indent=2) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,20 +322,11 @@ class TrainingData:
         return int(self.pids.numel())
 
 
-def default_protocol(manifest: Manifest) -> str:
-    allowed = LAYOUT_PROTOCOLS.get(manifest.layout)
-    if not allowed:
-        raise UserError(f"layout {manifest.layout!r} has no labelled evaluation protocol to fine-tune for")
-    return allowed[0]
-
-
 def training_data(config: FinetuneConfig, manifest: Manifest, rank: int, world: int) -> TrainingData:
     """Which split and identities to train on, checked against the sampler (DESIGN.md section 8)."""
-    from pipelines.samplers import CrossModalSampler
-
     protocol = config.protocol or default_protocol(manifest)
     check_protocol(manifest, config.shards, protocol)
-    if protocol == "regdb":
+    if PROTOCOLS[protocol].trained_per_trial:
         trials = {t.trial: t for t in manifest.trials}
         if config.regdb_trial not in trials:
             raise UserError(f"--regdb_trial {config.regdb_trial} is not in the manifest (it has {sorted(trials)})")
@@ -508,37 +423,52 @@ class FinetuneResult:
         return {r.setting: r.summary() for r in self.metrics}
 
 
-class _MetricLog:
-    """``metrics.jsonl`` (main process) and TensorBoard through accelerate."""
+class EpochMeter:
+    """Running sums of the losses ``(3,)`` (on the device) and images since the epoch (or the
+    resumed part of it) began: the means and images/s of the step lines and the epoch record."""
 
-    def __init__(self, accelerator, path: Path, tensorboard: bool) -> None:
-        self.accelerator, self.path, self.tensorboard = accelerator, path, tensorboard
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(len(LOSS_NAMES), dtype=torch.float64, device=device)
+        self.count, self.images, self.tick = 0, 0, time.perf_counter()
 
-    def write(self, record: dict, step: int) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.tensorboard:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
-            prefix = record.get("kind", "train")
-            self.accelerator.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
+    def add(self, losses: torch.Tensor, images: int) -> None:
+        self.sums += losses.double()
+        self.count += 1
+        self.images += images
 
+    def means(self) -> list[float]:
+        return (self.sums / max(self.count, 1)).tolist()
 
-def gather_rows(accelerator) -> Gather:
-    """:data:`train.evaluate.Gather` over ``accelerator``'s processes. An all-gather needs equal
-    shapes, and the processes' parts of a split may differ by a batch: gather the row counts,
-    pad every part to the longest, gather, and cut the padding out again."""
-
-    def gather(rows: torch.Tensor) -> torch.Tensor:
-        counts = accelerator.gather(torch.tensor([rows.shape[0]], device=rows.device)).tolist()
-        padded = accelerator.gather(accelerator.pad_across_processes(rows, dim=0))
-        longest = max(counts)
-        return torch.cat([padded[r * longest:r * longest + n] for r, n in enumerate(counts)])
-
-    return gather
+    def images_per_s(self) -> float:
+        return self.images / max(time.perf_counter() - self.tick, 1e-9)
 
 
-def _evaluate_model(accelerator, model: nn.Module, config: FinetuneConfig, protocol: str) -> list[ProtocolResult]:
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, accelerator, config: FinetuneConfig,
+                  inputs: torch.Tensor, modality: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One SGD step on ready views ``(B, 3, H, W)``: ID cross-entropy on the BN logits + weighted
+    triplet on the pre-BN feature. Returns the detached losses ``(3,)`` (:data:`LOSS_NAMES`)."""
+    with accelerator.autocast():
+        features, logits = model(inputs, modality)
+        id_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+        tri_loss = triplet_loss(config, features.float(), labels)
+        loss = id_loss + config.triplet_weight * tri_loss
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    if config.clip_grad > 0:
+        accelerator.clip_grad_norm_(model.parameters(), config.clip_grad)
+    optimizer.step()
+    return torch.stack([loss.detach(), id_loss.detach(), tri_loss.detach()]).float()
+
+
+def check_pending(losses: LossCheck, unknown_pid: torch.Tensor) -> None:
+    """Stop on a non-finite loss since the last check, as pre-training does (one transfer), or
+    on a batch identity outside the training identities (a sampler bug)."""
+    if bool(unknown_pid):
+        raise RuntimeError("a training batch held an identity outside the training identities (a sampler bug)")
+    losses.check()
+
+
+def evaluate_model(accelerator, model: nn.Module, config: FinetuneConfig, protocol: str) -> list[ProtocolResult]:
     """Evaluate on every process (each embeds its part of the test images; process 0 ranks and
     the others get ``[]``): no process waits for another's whole extraction at a collective,
     whose timeout a long evaluation could otherwise exceed."""
@@ -549,7 +479,7 @@ def _evaluate_model(accelerator, model: nn.Module, config: FinetuneConfig, proto
     try:
         return evaluate(lambda v, m: module.embed(v, m, config.eval_feature), config.shards, protocol,
                         size=tuple(config.image_size), transform=views.eval_views, trials=config.eval_trials,
-                        regdb_trials=[config.regdb_trial] if protocol == "regdb" else None,
+                        regdb_trials=[config.regdb_trial] if PROTOCOLS[protocol].trained_per_trial else None,
                         batch_size=config.eval_batch_size, device=accelerator.device, flip=config.eval_flip,
                         source="auto" if config.source == "cache" else config.source,
                         rank=accelerator.process_index, world=accelerator.num_processes,
@@ -573,50 +503,28 @@ def _eval_record(results: list[ProtocolResult], epoch: int, step: int) -> dict:
     return record
 
 
-def _make_accelerator(config: FinetuneConfig, out: Path):
-    from accelerate.utils import ProjectConfiguration
-
-    log_with = None
-    if config.tensorboard:
-        try:
-            import tensorboard  # noqa: F401  (only to know whether the tracker can work)
-
-            log_with = "tensorboard"
-        except ImportError:
-            config.tensorboard = False
-    # Without CUDA, say so (as train.pretrain does): several launched processes then form one gloo
-    # group instead of each running alone and writing the same checkpoints.
-    return new_accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.precision, log_with=log_with,
-                           project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")))
-
-
 def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> FinetuneResult:
     """Fine-tune, evaluate periodically and at the end; returns metrics and curve data.
 
     resume: ``None`` (a fresh run; ``output_dir`` must not hold checkpoints), ``latest`` (the run's
     last checkpoint, or a fresh start when there is none) or a checkpoint / run folder.
     Bad settings raise :class:`UserError` before any step.
+
+    Linear, as :func:`train.pretrain.train`: configuration -> accelerator -> data -> model ->
+    source -> optimizer and schedule -> resume -> steps (evaluation and checkpoints at epoch ends).
     """
-    from accelerate.utils import set_seed
-
-    from pipelines.sources import make_source
-    from pipelines.sources.base import seed_of
-    from train.checkpointing import CHECKPOINTS, Checkpointer, list_checkpoints, resolve_checkpoint
-
     started = time.perf_counter()
     config.validate()
     manifest = load_manifest(config.shards)
     out = Path(config.output_dir)
-    if resume is None and list_checkpoints(out / CHECKPOINTS):
-        raise UserError(f"{out} already holds checkpoints of a run: pass --resume latest to continue it, "
-                        "or choose another --output_dir")
-    accelerator = _make_accelerator(config, out)
+    checkpoint = check_run_dir(out, resume, latest_may_be_missing=True)
+    accelerator = make_accelerator(out, config.precision, tensorboard=config.tensorboard)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     data = training_data(config, manifest, rank, world)
     set_seed(config.seed)
-    backbone = build_backbone(config.arch, tuple(config.image_size))
+    backbone = create_backbone(config.arch, tuple(config.image_size))
     if config.init != "random":
-        load_backbone(backbone, config.init)
+        load_backbone_weights(backbone, config.init)
     model = ReIDModel(backbone, data.num_classes)
     source = make_source(config.shards, data.split, batch_size=config.batch_size, size=tuple(config.image_size),
                          device=device, source=config.source, sampler=data.sampler, instances=config.instances,
@@ -631,112 +539,79 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
     checkpointer = Checkpointer(accelerator, out / CHECKPOINTS, config.keep_last, objects=[source])
     document = {"format": FORMAT, "config": dataclasses.asdict(config), "num_classes": data.num_classes,
                 "protocol": data.protocol}
-    step, history, checkpoint = 0, [], None
-    if resume is not None and (resume != "latest" or list_checkpoints(out / CHECKPOINTS)):
-        checkpoint = resolve_checkpoint(resume, out)
+    start, history = 0, []
+    if checkpoint is not None:
         state = checkpointer.load(checkpoint)
-        step, history = int(state["step"]), list(state.get("history", []))
+        start, history = int(state["step"]), list(state.get("history", []))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(document["config"], indent=2) + "\n")
+        (out / CONFIG_FILE).write_text(config_document(config))
     if config.tensorboard:
         accelerator.init_trackers("finetune")
-    log = _MetricLog(accelerator, out / "metrics.jsonl", config.tensorboard)
+    log = MetricsLogger(accelerator, out, start, config.tensorboard)
+    losses = LossCheck(accelerator, LOSS_NAMES)
     views = FinetuneViews(tuple(config.image_size), pad=config.pad, flip_p=config.flip_p, erase_p=config.erase_p,
                           normalization=config.normalization)
     pids = data.pids.to(device)
-    bar = None
-    if config.progress_bar and accelerator.is_main_process:
-        bar = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True)
-    model.train()
     unknown_pid = torch.zeros((), dtype=torch.bool, device=device)
-    pending: list[tuple[int, torch.Tensor]] = []  # (0-based step, losses) not checked yet, on the device
+    bar = tqdm(total=last_step, initial=start, unit="step", dynamic_ncols=True,
+               disable=not (config.progress_bar and accelerator.is_main_process))
+    model.train()
     results: list[ProtocolResult] = []
     evaluated = False
-
-    def check_finite() -> None:
-        """Stop on a non-finite loss since the last check, as pre-training does (one transfer)."""
-        if bool(unknown_pid):
-            raise RuntimeError("a training batch held an identity outside the training identities (a sampler bug)")
-        if pending:
-            check_losses(accelerator, [s for s, _ in pending], LOSS_NAMES, torch.stack([v for _, v in pending]))
-            pending.clear()
-
-    def save(epoch: int) -> Path:
-        check_finite()  # never a checkpoint after a non-finite loss
-        return checkpointer.save({"step": step, "epoch": epoch, "history": history}, {DOCUMENT: document})
-
+    batches, meter = None, EpochMeter(device)
     try:
-        while step < last_step:
-            epoch = step // steps_per_epoch
-            if step % steps_per_epoch == 0:
-                source.set_epoch(epoch)
-            sums = torch.zeros(3, dtype=torch.float64, device=device)
-            count, images, tick = 0, 0, time.perf_counter()
-            for batch in source:
-                generator = torch.Generator(device=device).manual_seed(seed_of(config.seed, step, rank))
-                with torch.no_grad():
-                    inputs = views(batch.images, generator)
-                lr_now = float(factors[step])
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * lr_now
-                labels, foreign = class_labels(batch.pid, pids)
-                unknown_pid |= foreign
-                with accelerator.autocast():
-                    features, logits = model(inputs, batch.modality)
-                    id_loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-                    tri_loss = triplet_loss(config, features.float(), labels)
-                    loss = id_loss + config.triplet_weight * tri_loss
-                optimizer.zero_grad(set_to_none=True)
-                accelerator.backward(loss)
-                if config.clip_grad > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.clip_grad)
-                optimizer.step()
-                losses = torch.stack([loss.detach(), id_loss.detach(), tri_loss.detach()]).float()
-                pending.append((step, losses))
-                step += 1
-                count += 1
-                images += len(batch) * world
-                sums += losses.double()
-                if step % config.log_every == 0 or step == last_step:
-                    check_finite()
-                    rate = images / max(time.perf_counter() - tick, 1e-9)
-                    means = (sums / count).tolist()
-                    log.write({"kind": "step", "step": step, "epoch": epoch, "lr": lr_now * config.lr,
-                               "loss": means[0], "id_loss": means[1], "triplet_loss": means[2],
-                               "images_per_s": rate}, step)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{rate:.0f}", lr=f"{lr_now * config.lr:.2e}")
-                if bar is not None:
-                    bar.update(1)
-                if step % steps_per_epoch == 0 or step >= last_step:
-                    break
-            check_finite()
-            means = (sums / max(count, 1)).tolist()
-            history.append({"kind": "train", "epoch": epoch, "step": step, "loss": means[0], "id_loss": means[1],
-                            "triplet_loss": means[2], "lr": float(factors[step - 1]) * config.lr,
-                            "images_per_s": images / max(time.perf_counter() - tick, 1e-9)})
-            log.write(history[-1], step)
-            finished = step >= last_step
-            epoch_done = step % steps_per_epoch == 0
-            if finished or (epoch_done and config.eval_every and (epoch + 1) % config.eval_every == 0):
-                results, evaluated = _evaluate_model(accelerator, model, config, data.protocol), True
+        for step in range(start, last_step):
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if in_epoch == 0 or batches is None:  # an epoch starts (or a resumed one continues)
+                if in_epoch == 0:
+                    source.set_epoch(epoch)
+                batches, meter = iter(source), EpochMeter(device)
+            batch = next(batches)
+            generator = torch.Generator(device=device).manual_seed(seed_of(config.seed, step, rank))
+            with torch.no_grad():
+                inputs = views(batch.images, generator)
+            lr_now = float(factors[step])
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_now
+            labels, foreign = class_labels(batch.pid, pids)
+            unknown_pid |= foreign
+            step_losses = training_step(model, optimizer, accelerator, config, inputs, batch.modality, labels)
+            losses.add(step, step_losses)
+            meter.add(step_losses, len(batch) * world)
+            done = step + 1
+            if done % config.log_every == 0 or done == last_step:
+                check_pending(losses, unknown_pid)
+                means, rate = meter.means(), meter.images_per_s()
+                log.write({"kind": "step", "step": done, "epoch": epoch, "lr": lr_now * config.lr,
+                           "loss": means[0], "id_loss": means[1], "triplet_loss": means[2],
+                           "images_per_s": rate}, done)
+                bar.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{rate:.0f}", lr=f"{lr_now * config.lr:.2e}")
+            bar.update(1)
+            finished, epoch_done = done == last_step, done % steps_per_epoch == 0
+            if not (finished or epoch_done):
+                continue
+            check_pending(losses, unknown_pid)
+            means = meter.means()
+            history.append({"kind": "train", "epoch": epoch, "step": done, "loss": means[0], "id_loss": means[1],
+                            "triplet_loss": means[2], "lr": lr_now * config.lr,
+                            "images_per_s": meter.images_per_s()})
+            log.write(history[-1], done)
+            if finished or (config.eval_every and (epoch + 1) % config.eval_every == 0):
+                results, evaluated = evaluate_model(accelerator, model, config, data.protocol), True
                 if accelerator.is_main_process:
-                    history.append(_eval_record(results, epoch, step))
-                    log.write(history[-1], step)
+                    history.append(_eval_record(results, epoch, done))
+                    log.write(history[-1], done)
                     if not finished:  # the final results are printed by the caller, once
                         tqdm.write(_eval_line(results, epoch))  # above the bar, when there is one
                 accelerator.wait_for_everyone()
-            if finished or (epoch_done and config.checkpoint_every_epochs
-                            and (epoch + 1) % config.checkpoint_every_epochs == 0):
-                checkpoint = save(epoch)
+            if finished or (config.checkpoint_every_epochs and (epoch + 1) % config.checkpoint_every_epochs == 0):
+                check_pending(losses, unknown_pid)  # never a checkpoint after a non-finite loss
+                checkpoint = checkpointer.save({"step": done, "epoch": epoch, "history": history}, {DOCUMENT: document})
     finally:
-        if bar is not None:
-            bar.close()
-    if checkpoint is None:  # resumed from a finished run: nothing left to train
-        checkpoint = resolve_checkpoint("latest", out)
-    if not evaluated:
-        results = _evaluate_model(accelerator, model, config, data.protocol)
+        bar.close()
+    if not evaluated:  # resumed from a finished run: nothing left to train
+        results = evaluate_model(accelerator, model, config, data.protocol)
     seconds = time.perf_counter() - started
     if accelerator.is_main_process:
         report = {"results": [r.to_dict() for r in results], "checkpoint": str(checkpoint), "seconds": seconds}
@@ -765,31 +640,14 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
 
 
-def _exported_backbone(path: Path, size: Optional[tuple[int, int]]) -> nn.Module:
-    """A backbone file: a native export is rebuilt by :func:`models.export.load_backbone`; a
-    plain state dict with this project's keys is matched to an ``arch`` by :func:`infer_arch`."""
-    from models.export import NATIVE_FORMAT
-    from models.export import load_backbone as load_native
-
-    payload = read_weights_file(path)
-    if isinstance(payload, dict) and payload.get("format") == NATIVE_FORMAT:
-        return load_native(path)
-    arch = infer_arch(read_backbone_state(path, payload))
-    backbone = build_backbone(arch, tuple(size) if size else ((256, 128) if arch.startswith("vit") else (288, 144)))
-    load_backbone(backbone, path)
-    return backbone
-
-
 def _finetune_checkpoint(path: Path) -> Optional[Path]:
     """The checkpoint folder ``path`` designates, when it is a fine-tuning run or checkpoint."""
-    from train.checkpointing import resolve_checkpoint
-
     if not path.is_dir():
         return None
     folder = resolve_checkpoint(str(path), path)
     if not (folder / DOCUMENT).is_file():
         raise UserError(f"{folder} is a checkpoint, but not of a fine-tuning run (no {DOCUMENT}); "
-                        "export its backbone with `python -m models.export` and pass the export")
+                        "export its backbone with `reid-export` and pass the export")
     return folder
 
 
@@ -798,11 +656,10 @@ def load_for_evaluation(path: str | Path, device: str | torch.device | None = No
     """A fine-tuning checkpoint (or run folder), or an exported backbone file, ready to embed.
 
     Fine-tuned: the recipe's test feature (``eval_feature``) at its ``image_size``. Backbone:
-    GeM (ResNet) or cat(CLS, mean PART) (ViT) features, ImageNet normalization for a ResNet and
-    mean = std = 0.5 for a ViT (the PASS convention), at ``size`` (default 288x144 / 256x128).
+    its global feature (GeM for a ResNet, cat(CLS, mean PART) for a ViT) with the network's
+    normalization (ImageNet for a ResNet, mean = std = 0.5 for a ViT, the PASS convention) at
+    ``size`` (default: the network's :attr:`~models.registry.BackboneEntry.input_size`).
     """
-    from train.checkpointing import load_model_state, read_json
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
@@ -813,18 +670,18 @@ def load_for_evaluation(path: str | Path, device: str | torch.device | None = No
         if document.get("format") != FORMAT:
             raise UserError(f"{folder / DOCUMENT} has format {document.get('format')!r}, expected {FORMAT!r}")
         config = from_dict(FinetuneConfig, document["config"])
-        model = ReIDModel(build_backbone(config.arch, tuple(config.image_size)), int(document["num_classes"]))
+        model = ReIDModel(create_backbone(config.arch, tuple(config.image_size)), int(document["num_classes"]))
         model.load_state_dict(load_model_state(folder))
         which, image_size, normalization = config.eval_feature, tuple(config.image_size), config.normalization
-        regdb_trial = config.regdb_trial if document.get("protocol") == "regdb" else None
+        protocol = document.get("protocol")
+        regdb_trial = config.regdb_trial if protocol in PROTOCOLS and PROTOCOLS[protocol].trained_per_trial else None
         description = f"fine-tuned {config.arch} ({folder})"
     else:
-        backbone = _exported_backbone(path, size)
-        is_vit = isinstance(backbone, VisionTransformer)
-        image_size = tuple(size) if size else ((256, 128) if is_vit else (288, 144))
+        backbone, arch = backbone_from_file(path, size)
+        entry = backbone_entry(arch)
+        image_size = tuple(size) if size else entry.input_size
         model = ReIDModel(backbone, 1)
-        arch = type(backbone).__name__
-        which, normalization, regdb_trial = "pre_bn", ("half" if is_vit else "imagenet"), None
+        which, normalization, regdb_trial = "pre_bn", entry.normalization, None
         description = f"exported {arch} backbone ({path})"
     model.to(device).eval()
     views = FinetuneViews(image_size, normalization=normalization)
@@ -851,7 +708,13 @@ def _parser() -> argparse.ArgumentParser:
     # --shards and --init are checked after --help, which needs neither
     parser.add_argument("--shards", metavar="DIR", help="shard folder built by `python -m shards build` (required)")
     parser.add_argument("--init", metavar="PATH", help="an exported backbone (.pt / .safetensors), or `random` (required)")
-    parser.add_argument("--preset", default="agw-sysu", choices=sorted(PRESETS), help="recipe (default agw-sysu)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help=f"recipe (default: the --config file's, else {DEFAULT_PRESET})")
+    parser.add_argument("--config", metavar="FILE",
+                        help="settings from a JSON or YAML file (e.g. another run's config.json), applied after the "
+                             "preset; --key value settings on the command line override it")
+    parser.add_argument("--print_config", "--print-config", action="store_true",
+                        help="print the resolved configuration as JSON (the config.json of the run) and exit")
     parser.add_argument("--resume", default=None,
                         help="`latest` (this output_dir's last checkpoint) or a checkpoint / run folder")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and the settings, then exit")
@@ -870,12 +733,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, overrides = parser.parse_known_args(argv)
     if args.help:
-        print(help_text(parser, args.preset))
+        print(help_text(parser, args.preset or DEFAULT_PRESET))
         return 0
-    if args.shards is None or args.init is None:
+    given = {k: v for k, v in (("shards", args.shards), ("init", args.init)) if v is not None}
+    config = resolve_config(args.preset, overrides, args.config, **given)
+    if args.print_config:
+        print(config_document(config), end="")
+        return 0
+    if not config.shards or ("init" not in given and not (args.config and "init" in read_config_file(args.config))):
         raise UserError("pass --shards DIR (built by `python -m shards build`) and --init (an exported backbone, "
-                        "or random); see --help")
-    config = resolve_config(args.preset, overrides, shards=args.shards, init=args.init)
+                        "or random), or a --config file that has them; see --help")
     try:
         result = run_finetune(config, resume=args.resume)
     except NonFiniteLoss as err:

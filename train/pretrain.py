@@ -23,8 +23,7 @@ every ``--checkpoint_every_epochs`` epochs, and at the end).
 Losses are checked at every logging step and before every checkpoint (one device-to-host copy
 per ``--log_every`` steps, not one per step): a non-finite loss stops the run with exit status
 3, naming the first bad step and its losses; no checkpoint is written after it, so the last
-good one is intact (``train.finetune`` stops the same way, with :func:`check_losses` and
-:func:`non_finite_exit`). Bad settings (unknown keys, missing shards, impossible batch settings) stop
+good one is intact (``train.finetune`` stops the same way: both loops run on :mod:`train.runtime`). Bad settings (unknown keys, missing shards, impossible batch settings) stop
 the run before training with exit status 2 and a one-line message.
 """
 
@@ -32,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, ContextManager, Optional
@@ -44,65 +41,39 @@ from typing import Any, ContextManager, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
+from accelerate.utils import set_seed
 from tqdm import tqdm
 
+from common.cli import run_cli
+from common.errors import UserError
 from pipelines.batch import Batch
 from pipelines.sources import Source, make_source
 from pipelines.sources.base import seed_of
-from common.cli import run_cli
-from common.errors import UserError
-from train.checkpointing import CHECKPOINTS, Checkpointer, list_checkpoints, read_json, resolve_checkpoint
+from train.checkpointing import CHECKPOINTS, Checkpointer, read_json
 from train.config import (
-    RunConfig,
-    TrainConfig,
     config_differences,
     config_from_dict,
     describe,
     flatten,
     preset_registry,
-    presets_help,
     resolve_config,
     save_config,
-    settings_help,
 )
 from train.methods import METHODS
 from train.methods.base import Method, Progress, StepOutput
+from train.runtime import (
+    EXIT_STATUS_HELP,
+    LossCheck,
+    MetricsLogger,
+    NonFiniteLoss,
+    check_run_dir,
+    make_accelerator,
+    non_finite_exit,
+)
 from train.schedules import cosine_schedule, scaled_learning_rate
+from train.settings import RunConfig, TrainConfig, presets_help, settings_help
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
-EXIT_NON_FINITE = 3
-#: The last line of ``--help`` of both training commands (fine-tuning stops the same way).
-EXIT_STATUS_HELP = "exit status: 0 done, 2 bad settings or data, 3 non-finite loss (the last good checkpoint is kept)"
-
-
-class NonFiniteLoss(Exception):
-    """The loss became NaN or infinite; the message names the step and the losses."""
-
-
-def check_losses(accelerator: Accelerator, steps: list[int], names: Sequence[str], values: torch.Tensor) -> np.ndarray:
-    """This process's losses ``values`` ``(len(steps), len(names))`` averaged over the processes
-    and copied to the host in one transfer, as ``(len(steps), len(names))`` float numpy.
-
-    Raises :class:`NonFiniteLoss` naming the first of ``steps`` (0-based) whose losses are not
-    all finite. The mean over processes is non-finite when one process's loss is, so every
-    process stops at the same check instead of one waiting for the others in a collective."""
-    host = accelerator.reduce(values, reduction="mean").cpu().numpy()
-    bad = ~np.isfinite(host).all(axis=1)
-    if bad.any():
-        row = int(np.argmax(bad))
-        losses = ", ".join(f"{n}={v:.6g}" for n, v in zip(names, host[row]))
-        raise NonFiniteLoss(f"non-finite loss at step {steps[row]} (0-based; {losses}); training stopped "
-                            "and no checkpoint was written after it: the last good checkpoint is intact")
-    return host
-
-
-def non_finite_exit(err: NonFiniteLoss) -> int:
-    """The one-line message and exit status of a run stopped by a non-finite loss."""
-    print(f"error: {err}", file=sys.stderr)
-    return EXIT_NON_FINITE
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -120,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", help="named configuration (default: the method's default preset)")
     parser.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                         help="continue a run: its latest checkpoint (no PATH), or a checkpoint / run folder")
+    parser.add_argument("--config", metavar="FILE",
+                        help="settings from a JSON or YAML file (e.g. another run's config.json), applied after the "
+                             "preset; --key value settings on the command line override it")
+    parser.add_argument("--print_config", "--print-config", action="store_true",
+                        help="print the resolved configuration as JSON (the config.json of the run) and exit")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and the settings, then exit")
     return parser
 
@@ -144,7 +120,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.help:
         print(help_text(parser, args.method, args.preset))
         return 0
-    config = resolve_config(args.method, args.preset, overrides)
+    config = resolve_config(args.method, args.preset, overrides, args.config)
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
     try:
         train(config, resume=args.resume)
     except NonFiniteLoss as err:
@@ -153,40 +132,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 # --- setup -----------------------------------------------------------------------------------------
-def new_accelerator(**settings: Any) -> Accelerator:
-    """An ``Accelerator`` for a new run in this process.
-
-    accelerate keeps one global state per process and refuses a second ``Accelerator`` with other
-    settings (pre-training in bf16, then fine-tuning in float32, from Python, as the demo's
-    stages or a notebook do). A run's accelerator state is dropped before the next run builds its
-    own; the process group, when there is one, is kept (``PartialState``).
-    """
-    AcceleratorState._reset_state()
-    return Accelerator(**settings)
-
-
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """Mixed precision, TensorBoard and (optionally) torch.compile through accelerate."""
-    out = Path(cfg.output_dir)
-    try:
-        accelerator = new_accelerator(
-            # Without CUDA, say so: several launched processes then form one gloo group (MULTI_CPU)
-            # instead of each running alone.
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=cfg.precision,
-            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
-            log_with="tensorboard",
-            dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
-        )
-    except ValueError as err:  # e.g. fp16 without a GPU
-        raise UserError(f"--precision {cfg.precision}: {err}") from None
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:
-        raise UserError(f"{launched} processes were launched but accelerate runs {accelerator.num_processes} "
-                        "process(es) per group; check the `accelerate launch` options")
-    return accelerator
-
-
 def build_source(cfg: TrainConfig, method: Method, accelerator: Accelerator) -> Source:
     """This process's share of the training split, in the method's size and sampler; the source
     shards by rank itself (accelerate's DataLoader wrapping is not used)."""
@@ -297,82 +242,52 @@ def checkpoint_due(done: int, steps_per_epoch: int, cfg: TrainConfig) -> bool:
 # --- metrics ---------------------------------------------------------------------------------------
 class Monitor:
     """Per-step losses kept on the device; every logging step one reduction across processes and
-    one copy to the host, a non-finite check, then JSONL / TensorBoard / progress bar."""
+    one copy to the host, a non-finite check (:class:`train.runtime.LossCheck`), then the metrics
+    line (:class:`train.runtime.MetricsLogger`) and the progress bar."""
 
     def __init__(self, accelerator: Accelerator, run_dir: Path, start: int, last: int, show_bar: bool) -> None:
         self.accelerator = accelerator
-        self.path = run_dir / METRICS_FILE
-        self.pending: list[tuple[int, torch.Tensor]] = []
-        self.names: list[str] = []
+        self.losses = LossCheck(accelerator)
+        self.log = MetricsLogger(accelerator, run_dir, start)
         self.images = 0
         self.clock = time.perf_counter()
         self.bar = tqdm(total=last, initial=start, dynamic_ncols=True, unit="step",
                         disable=not (accelerator.is_main_process and show_bar))
-        if accelerator.is_main_process:
-            self._truncate_after(start)
-
-    def _truncate_after(self, step: int) -> None:
-        """Drop the lines a killed run logged after the checkpoint this run resumes from."""
-        if not self.path.is_file():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
 
     def record(self, step: int, out: StepOutput, images: int) -> None:
-        if not self.names:
-            self.names = ["loss", *out.metrics]
+        if not self.losses.names:
+            self.losses.names = ["loss", *out.metrics]
         values = torch.stack([out.loss.detach().float(), *(v.detach().float() for v in out.metrics.values())])
-        self.pending.append((step, values))
+        self.losses.add(step, values)
         self.images += images
         self.bar.update(1)
 
     def flush(self, done: int, epoch: int, extra: dict[str, float]) -> None:
         """Check and log the steps recorded since the last flush (``done`` steps in all)."""
-        if not self.pending:
+        values = self.losses.check()  # raises on a non-finite loss
+        if values is None:
             return
-        steps = [s for s, _ in self.pending]
-        values = check_losses(self.accelerator, steps, self.names, torch.stack([v for _, v in self.pending]))
-        self.pending.clear()
         now = time.perf_counter()
         images_per_s = self.images * self.accelerator.num_processes / max(now - self.clock, 1e-9)
         self.images, self.clock = 0, now
-        line = {"step": done, "epoch": epoch, **dict(zip(self.names, values.mean(axis=0).tolist())),
+        line = {"step": done, "epoch": epoch, **dict(zip(self.losses.names, values.mean(axis=0).tolist())),
                 **extra, "images_per_s": images_per_s}
         self.bar.set_postfix(loss=f"{line['loss']:.4f}", img_s=f"{images_per_s:.1f}")
-        self.accelerator.log({k: v for k, v in line.items() if k != "step"}, step=done)
-        if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        self.log.write(line, done)
 
     def close(self) -> None:
         self.bar.close()
 
 
-def _logged_step(line: str) -> float:
-    """The step of a metrics line; infinity for a line cut short by a kill (then dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
-
-
 # --- the run ---------------------------------------------------------------------------------------
-def check_run_dir(config: RunConfig, resume: Optional[str], accelerator: Accelerator) -> Optional[Path]:
-    """Refuse to start over an existing run; the checkpoint to resume from (warning about the
-    settings that changed since)."""
-    run_dir = Path(config.train.output_dir)
-    checkpoint = resolve_checkpoint(resume, run_dir) if resume else None
-    if checkpoint is None and list_checkpoints(run_dir / CHECKPOINTS):
-        raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
-                        "or choose another --output_dir")
-    if checkpoint is not None:
-        saved = checkpoint / CONFIG_FILE
-        if saved.is_file():
-            changed = config_differences(config_from_dict(read_json(saved)), config)
-            if changed and accelerator.is_main_process:
-                print("warning: resuming with settings that differ from the checkpoint's:\n  "
-                      + "\n  ".join(changed), file=sys.stderr)
-    return checkpoint
+def warn_changed_settings(config: RunConfig, checkpoint: Optional[Path], accelerator: Accelerator) -> None:
+    """Warn about the settings that changed since the checkpoint a run resumes from."""
+    saved = checkpoint / CONFIG_FILE if checkpoint is not None else None
+    if saved is not None and saved.is_file():
+        changed = config_differences(config_from_dict(read_json(saved)), config)
+        if changed and accelerator.is_main_process:
+            print("warning: resuming with settings that differ from the checkpoint's:\n  "
+                  + "\n  ".join(changed), file=sys.stderr)
 
 
 def tracker_config(config: RunConfig) -> dict[str, Any]:
@@ -384,8 +299,9 @@ def train(config: RunConfig, resume: Optional[str] = None) -> None:
     """Run (or continue) the pre-training described by ``config``."""
     cfg = config.train
     cfg.validate()
-    accelerator = make_accelerator(cfg)
-    checkpoint = check_run_dir(config, resume, accelerator)
+    accelerator = make_accelerator(cfg.output_dir, cfg.precision, compile=cfg.compile)
+    checkpoint = check_run_dir(cfg.output_dir, resume)
+    warn_changed_settings(config, checkpoint, accelerator)
     set_seed(cfg.seed)  # the same initial weights in every process
     method: Method = METHODS[config.method].method(config.method_config)  # checks the method's settings
     set_seed(cfg.seed, device_specific=True)  # then different drop-path draws per process

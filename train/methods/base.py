@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from models.registry import BackboneSpec
 from pipelines.batch import Batch
 
 
@@ -59,15 +60,6 @@ class Progress:
     def fraction(self) -> float:
         """Progress through the run in [0, 1)."""
         return self.step / max(1, self.total_steps)
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """A backbone constructor: ``factory`` is ``"module:function"`` (e.g.
-    ``"models.vit:vit_small"``), called with ``kwargs`` (JSON values)."""
-
-    factory: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -116,7 +108,8 @@ class Method(nn.Module, ABC):
 
     def backbone_spec(self) -> Optional[BackboneSpec]:
         """How to rebuild the exported backbone (:meth:`backbone_state_dict`) without this
-        method, stored with an export so that it can be loaded back. Optional."""
+        method (a :mod:`models.registry` name and its keyword arguments), stored with an export
+        so that it can be loaded back. Optional."""
         return None
 
     def no_weight_decay(self, name: str, parameter: nn.Parameter) -> bool:

@@ -52,32 +52,29 @@ from typing import Literal
 import torch
 
 from models.heads import PartProjection, PermutationHead
-from models.resnet import ResNet, TwoStreamResNet, resnet50, resnet50_two_stream, resnet_narrow, resnet_tiny_test
+from models.registry import BackboneSpec, create_backbone, legacy_mmgl_backbone
+from models.resnet import ResNet, TwoStreamResNet
 from pipelines.batch import Batch
 from pipelines.views.mmgl import MMGLViewBatch, MMGLViews
 from common.errors import UserError
-from train.config import RunConfig, TrainConfig, setting
+from train.settings import RunConfig, TrainConfig, setting
 from train.losses.pcc import DEFAULT_RETRIEVAL_TEMPERATURE, DEFAULT_TAU, part_cycle_contrastive
 from train.losses.permutation import permutation_correct, permutation_loss
-from train.methods.base import BackboneSpec, DataSpec, Method, StepOutput
+from train.methods.base import DataSpec, Method, StepOutput
 
-#: Backbones by name: the factory in :mod:`models.resnet` and its keyword arguments per variant.
-BACKBONES = {
-    "resnet50": {True: ("resnet50_two_stream", {}), False: ("resnet50", {})},
-    "narrow": {True: ("resnet_narrow", {"two_stream": True}), False: ("resnet_narrow", {"two_stream": False})},
-    "tiny": {True: ("resnet_tiny_test", {"two_stream": True}), False: ("resnet_tiny_test", {"two_stream": False})},
-}
-_FACTORIES = {"resnet50_two_stream": resnet50_two_stream, "resnet50": resnet50, "resnet_narrow": resnet_narrow,
-              "resnet_tiny_test": resnet_tiny_test}
+#: The ResNets of :data:`models.registry.BACKBONES` MMGL trains (the paper's: resnet50_two_stream).
+BACKBONES = ("resnet50_two_stream", "resnet50", "resnet_narrow_two_stream", "resnet_narrow", "resnet_tiny_two_stream",
+             "resnet_tiny")
 
 
 @dataclass
 class MMGLConfig:
     """MMGL's own settings; defaults are the paper's where it gives them (DESIGN.md section 5)."""
 
-    backbone: Literal["resnet50", "narrow", "tiny"] = setting(
-        "resnet50", "ResNet-50 (narrow: width 32, one block per layer, for CPUs; tiny: the width-8 test model)")
-    two_stream: bool = setting(True, "RGB and IR stems, shared layer1..4 (AGW); false: one shared stem")
+    backbone: Literal["resnet50_two_stream", "resnet50", "resnet_narrow_two_stream", "resnet_narrow",
+                      "resnet_tiny_two_stream", "resnet_tiny"] = setting(
+        "resnet50_two_stream", "backbone (models.registry): *_two_stream: RGB and IR stems, shared layer1..4 (AGW), "
+        "else one shared stem; resnet_narrow: width 32, one block per layer, for CPUs; resnet_tiny: the width-8 test model")
     image_size: tuple[int, int] = setting((288, 144), "view size (H, W); H a multiple of 16 x num_stripes")
     num_stripes: int = setting(6, "horizontal stripes shuffled, and pooled into part features")
     part_dim: int = setting(256, "PCC part feature size (1x1 conv 2048 -> part_dim)")
@@ -109,9 +106,7 @@ class MMGL(Method):
             )
         if c.tau <= 0 or c.retrieval_temperature <= 0:
             raise UserError(f"PCC temperatures must be positive, got tau={c.tau}, retrieval_temperature={c.retrieval_temperature}")
-        factory, kwargs = BACKBONES[c.backbone][c.two_stream]
-        self.backbone: ResNet | TwoStreamResNet = _FACTORIES[factory](**kwargs)
-        self._backbone_spec = BackboneSpec(f"models.resnet:{factory}", dict(kwargs))
+        self.backbone: ResNet | TwoStreamResNet = create_backbone(c.backbone)
         features = self.backbone.num_features
         self.permutation_head = PermutationHead(features, c.num_stripes, c.sinkhorn_iterations)
         self.part_projection = PartProjection(features, c.part_dim, c.num_stripes)
@@ -138,10 +133,7 @@ class MMGL(Method):
         if stem_weight.is_contiguous(memory_format=torch.channels_last) and not stem_weight.is_contiguous():
             rgb = rgb.contiguous(memory_format=torch.channels_last)
             ir = ir.contiguous(memory_format=torch.channels_last)
-        if self.config.two_stream:
-            stems = self.backbone.stems
-            return self.backbone.forward_layers(torch.cat([stems["rgb"](rgb), stems["ir"](ir)]))
-        return self.backbone(torch.cat([rgb, ir]))
+        return self.backbone.forward_pair(rgb, ir)
 
     def forward(self, views: MMGLViewBatch) -> StepOutput:
         batch = views.perm.shape[0]
@@ -171,7 +163,7 @@ class MMGL(Method):
         return {key: value.detach().contiguous() for key, value in self.backbone.state_dict().items()}
 
     def backbone_spec(self) -> BackboneSpec:
-        return self._backbone_spec
+        return BackboneSpec(self.config.backbone)
 
 
 # --- presets -------------------------------------------------------------------------------------
@@ -212,10 +204,19 @@ def mmgl_tiny() -> RunConfig:
         warmup_epochs=0.0, weight_decay=0.05, weight_decay_end=0.05, clip_grad=0.0, precision="no",
         output_dir="runs/mmgl_tiny", checkpoint_every_epochs=1, keep_last=2, log_every=2,
     )
-    return RunConfig("mmgl", train, MMGLConfig(backbone="tiny", image_size=(96, 48)))
+    return RunConfig("mmgl", train, MMGLConfig(backbone="resnet_tiny_two_stream", image_size=(96, 48)))
 
 
 MMGL_PRESETS = {"mmgl_sysu": mmgl_sysu, "mmgl_tiny": mmgl_tiny}
 
 
-__all__ = ["BACKBONES", "MMGL", "MMGLConfig", "MMGL_PRESETS", "mmgl_sysu", "mmgl_tiny"]
+def upgrade_mmgl_config(values: dict) -> dict:
+    """A saved MMGL config of an older version, in today's fields: the pair ``backbone``
+    (resnet50 / narrow / tiny) + ``two_stream`` became one :mod:`models.registry` name."""
+    values = dict(values)
+    if "two_stream" in values:
+        values["backbone"] = legacy_mmgl_backbone(values.get("backbone", "resnet50"), values.pop("two_stream"))
+    return values
+
+
+__all__ = ["BACKBONES", "MMGL", "MMGLConfig", "MMGL_PRESETS", "mmgl_sysu", "mmgl_tiny", "upgrade_mmgl_config"]

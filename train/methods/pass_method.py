@@ -34,23 +34,25 @@ import torch
 from torch import nn
 
 from models.heads import TokenHeads, TokenHeadsOutput
-from models.vit import VisionTransformer, vit_base, vit_small, vit_tiny_test
+from models.registry import BackboneSpec, canonical_name, create_backbone
+from models.vit import VisionTransformer
 from pipelines.batch import Batch
 from pipelines.views import PASSViewBatch, PASSViews
 from common.errors import UserError
-from train.config import RunConfig, TrainConfig, setting
+from train.settings import RunConfig, TrainConfig, setting
 from train.losses.dino import DINOLoss
-from train.methods.base import BackboneSpec, DataSpec, Method, Progress, StepOutput
+from train.methods.base import DataSpec, Method, Progress, StepOutput
 from train.schedules import cosine_schedule, warmup_constant_schedule
 
-ARCHS = {"vit_small": vit_small, "vit_base": vit_base, "vit_tiny_test": vit_tiny_test}
+#: The ViTs of :data:`models.registry.BACKBONES` PASS trains.
+ARCHS = ("vit_small", "vit_base", "vit_tiny")
 
 
 @dataclass
 class PASSConfig:
     """PASS's own settings; defaults are the paper's (PASS-reID ``main_pass.py`` + ViT-S script)."""
 
-    arch: Literal["vit_small", "vit_base", "vit_tiny_test"] = setting("vit_small", "backbone: vit_small (ViT-S/16), vit_base (ViT-B/16), vit_tiny_test")
+    arch: Literal["vit_small", "vit_base", "vit_tiny"] = setting("vit_small", "backbone (models.registry): vit_small (ViT-S/16), vit_base (ViT-B/16), vit_tiny (tests)")
     image_size: tuple[int, int] = setting((256, 128), "data size = global view size (H, W)")
     local_size: tuple[int, int] = setting((128, 64), "local view size (H, W)")
     global_scale: tuple[float, float] = setting((0.4, 1.0), "RandomResizedCrop area range of the global views")
@@ -134,7 +136,7 @@ class PASS(Method):
     def _network(self, drop_path: float) -> TokenNetwork:
         c = self.config
         num_parts = len(c.region_starts)
-        backbone = ARCHS[c.arch](num_parts=num_parts, img_size=tuple(c.image_size), drop_path_rate=drop_path)
+        backbone = create_backbone(c.arch, tuple(c.image_size), num_parts=num_parts, drop_path_rate=drop_path)
         heads = TokenHeads(backbone.embed_dim, num_parts, out_dim=c.out_dim, hidden_dim=c.hidden_dim,
                            bottleneck_dim=c.bottleneck_dim, norm_last_layer=c.norm_last_layer)
         return TokenNetwork(backbone, heads)
@@ -226,7 +228,7 @@ class PASS(Method):
 
     def backbone_spec(self) -> BackboneSpec:
         c = self.config
-        return BackboneSpec(f"models.vit:{c.arch}",
+        return BackboneSpec(c.arch,
                             {"num_parts": len(c.region_starts), "img_size": list(c.image_size)})
 
 
@@ -262,9 +264,19 @@ def pass_tiny() -> RunConfig:
         epochs=2, max_steps=10, batch_size=8, lr=5e-4, warmup_epochs=0.5, min_lr=1e-6, precision="no",
         output_dir="runs/pass_tiny", checkpoint_every_epochs=1, keep_last=2, log_every=2,
     )
-    method = PASSConfig(arch="vit_tiny_test", image_size=(64, 32), local_size=(32, 16), out_dim=256,
+    method = PASSConfig(arch="vit_tiny", image_size=(64, 32), local_size=(32, 16), out_dim=256,
                         hidden_dim=128, bottleneck_dim=64)
     return RunConfig("pass", train, method)
 
 
 PASS_PRESETS = {"pass_vits_lup": pass_vits_lup, "pass_tiny": pass_tiny}
+
+
+
+def upgrade_pass_config(values: dict) -> dict:
+    """A saved PASS config of an older version, in today's fields (``arch`` vit_tiny_test is
+    :mod:`models.registry`'s vit_tiny)."""
+    values = dict(values)
+    if "arch" in values:
+        values["arch"] = canonical_name(values["arch"])
+    return values
