@@ -15,13 +15,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common.cli import ArgumentParser, run_cli
 from benchmarks.record import DEFAULT_RESULTS, PROJECT_README, report, save
 from benchmarks.registry import SUITES, RunContext
 from benchmarks.timing import load_average
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run suites and save their results")
@@ -69,12 +70,16 @@ def _project_readme(results: Path) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command == "report":
         print(report(args.results, list(SUITES), readme=_project_readme(args.results)))
         return 0
     return _run(args, "python -m benchmarks " + " ".join(argv))
 
 
+def entry_point() -> None:
+    raise SystemExit(run_cli(main))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry_point()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from common.cli import ArgumentParser
 from benchmarks.machine import machine_info, machine_name
 from shards.build import build
 from shards.synthetic import generate
@@ -60,11 +61,11 @@ def _time_build(root: Path, work: Path, workers: int, repeats: int) -> tuple[int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.shard_build", description=__doc__,
+    parser = ArgumentParser(prog="python -m benchmarks.shard_build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ids", type=int, default=60, help="synthetic identities (default 60)")
     parser.add_argument("--repeats", type=int, default=3, help="timed builds per configuration (median reported)")
-    parser.add_argument("--no-save", action="store_true", help="print only; do not write the results JSON")
+    parser.add_argument("--no_save", action="store_true", help="print only; do not write the results JSON")
     args = parser.parse_args(argv)
     cores = os.cpu_count() or 1
     rows = []

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from shards.build import DEFAULT_SHARD_SIZE, build
-from common.cli import run_cli
+from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
 from shards.inspection import contact_sheet, random_samples, summary_table
 from shards.layouts import LAYOUTS
@@ -38,8 +38,8 @@ layouts (--root is the dataset folder, or the list file for 'manifest'):
 """
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shards", description=DESCRIPTION)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m shards", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{build,verify,inspect}")
 
     b = commands.add_parser("build", help="pack a dataset folder into shards",
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--root", required=True, type=Path, help="dataset folder (or list file for 'manifest')")
     b.add_argument("--out", required=True, type=Path, help="output folder for the shards (created; a re-run resumes)")
     b.add_argument("--seed", type=int, default=0, help="seed of the train split's shuffle across shards (default 0)")
-    b.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+    b.add_argument("--shard_size", type=int, default=DEFAULT_SHARD_SIZE,
                    help=f"samples per shard (default {DEFAULT_SHARD_SIZE})")
     b.add_argument("--workers", type=int, default=os.cpu_count(),
                    help=f"worker processes (default and 0: all {os.cpu_count()} cores)")
@@ -112,7 +112,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     return {"build": _build, "verify": _verify, "inspect": _inspect}[args.command](args)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.modality import MODALITIES, MODALITY_CODE
+from common.modality import MODALITY_CODE
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

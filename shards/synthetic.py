@@ -20,7 +20,6 @@ interrupted run never leaves a tree that looks complete.
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import multiprocessing
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import run_cli
+from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
 from shards.synthetic_people import Pose, make_identity, make_scene, render_image
 
@@ -359,8 +358,8 @@ def generate(layout: str, out: Path | str, ids: int | None = None, seed: int = 0
 # Command line
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m shards.synthetic",
         description="Write a synthetic person ReID dataset (real JPEG files) in the folder "
                     "layout and file naming of SYSU-MM01 or Market-1501.",
@@ -372,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ids", type=int, default=None,
                         help="number of identities (default: "
                              + ", ".join(f"{k} {v.ids}" for k, v in DEFAULTS.items()) + ")")
-    parser.add_argument("--images-per-id", type=int, default=None,
+    parser.add_argument("--images_per_id", type=int, default=None,
                         help="mean images per identity, each varies by +-30%% (default: "
                              + ", ".join(f"{k} {v.images_per_id}" for k, v in DEFAULTS.items())
                              + ")")
@@ -386,7 +385,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     info = generate(args.layout, args.out, ids=args.ids, seed=args.seed, workers=args.workers,
                     images_per_id=args.images_per_id, progress=True)
     splits = ", ".join(f"{name} {count}" for name, count in sorted(info.images_by_split.items()))

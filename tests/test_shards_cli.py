@@ -27,7 +27,7 @@ def test_help_explains_layouts(capsys):
     text = capsys.readouterr().out
     for layout in ("market1501", "dukemtmc", "msmt17", "sysu-mm01", "regdb", "folder", "manifest"):
         assert layout in text
-    assert "--shard-size" in text and "--strict" in text and "--workers" in text
+    assert "--shard_size" in text and "--strict" in text and "--workers" in text
 
 
 def test_build_verify_inspect(tmp_path, capsys):

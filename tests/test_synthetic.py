@@ -231,7 +231,7 @@ def test_help_names_every_option(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--layout", "--out", "--ids", "--images-per-id", "--seed", "--workers"):
+    for option in ("--layout", "--out", "--ids", "--images_per_id", "--seed", "--workers"):
         assert option in text
 
 

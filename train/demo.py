@@ -50,7 +50,7 @@ from typing import Any, Optional
 
 import torch
 
-from common.cli import run_cli
+from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
 from shards.build import build
 from shards.inspection import contact_sheet, random_samples, summary_table
@@ -121,8 +121,8 @@ PLANS: dict[tuple[str, str], Plan] = {
 # --------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m train.demo",
         description="The main job: synthetic data (or --root) -> shards -> self-supervised pre-training -> export "
                     "-> fine-tuning from the export AND from random init -> evaluation under the standard "
@@ -135,12 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", choices=SCALES, default="small",
                         help="tiny: seconds, a smoke test (the tests); small (default): 4-10 min on a 2-core "
                              "CPU, depending on its load; full: the full-size presets unchanged, for a GPU")
-    parser.add_argument("--out", type=Path, default=Path("demo"), help="output folder (default: demo)")
+    parser.add_argument("--output_dir", "--out", dest="out", type=Path, default=Path("demo"),
+                        help="output folder (default: demo)")
     parser.add_argument("--root", type=Path, default=None,
                         help="a real dataset in the method's layout (SYSU-MM01 / Market-1501) instead of the "
                              "synthetic one")
     parser.add_argument("--ids", type=int, default=None, help="synthetic identities (default: the scale's)")
-    parser.add_argument("--images-per-id", type=int, default=None,
+    parser.add_argument("--images_per_id", type=int, default=None,
                         help="synthetic mean images per identity (default: the scale's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of every run")
     parser.add_argument("--workers", type=int, default=None,
@@ -221,7 +222,7 @@ def make_demo(args: argparse.Namespace) -> Demo:
     plan = PLANS[(args.method, args.scale)]
     root = args.root.expanduser().resolve() if args.root is not None else None
     name = f"{args.method}-{args.scale}" + (f"-{root.name}" if root is not None else "")
-    for option, value in (("--ids", args.ids), ("--images-per-id", args.images_per_id), ("--workers", args.workers)):
+    for option, value in (("--ids", args.ids), ("--images_per_id", args.images_per_id), ("--workers", args.workers)):
         if value is not None and value < 1:
             raise UserError(f"{option} {value}: must be at least 1")
     if root is not None and not root.is_dir():
@@ -575,5 +576,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry_point()

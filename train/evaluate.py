@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common.cli import run_cli
+from common.cli import ArgumentParser, parse_bool, run_cli
 from common.errors import UserError
 from shards.manifest import load_manifest
 from train.evaluation.protocols import PROTOCOLS, SYSU_TRIALS, check_protocol, evaluate, format_table, merge_trials
@@ -31,8 +31,8 @@ def _trial_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated trial numbers, got {text!r}") from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m train.evaluate",
         description="Evaluate a fine-tuned ReID model (or an exported backbone) under the standard protocols: "
                     "Market-1501/DukeMTMC/MSMT17 (market), SYSU-MM01 all-search (sysu) and indoor-search "
@@ -44,24 +44,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, nargs="+", type=Path,
                         help="a train.finetune run folder (its latest checkpoint) or checkpoint folder "
-                             "(RUN/checkpoints/step_*), or an exported backbone file (models.export); for RegDB "
+                             "(RUN/checkpoints/step_*), or an exported backbone file (reid-export); for RegDB "
                              "one fine-tuned run per trial may be given")
     parser.add_argument("--shards", required=True, type=Path, help="shard folder built by `python -m shards build`")
     parser.add_argument("--protocol", required=True, choices=list(PROTOCOLS), help="evaluation protocol")
-    parser.add_argument("--trials", type=int, default=SYSU_TRIALS, help="SYSU-MM01: gallery trials 0..N-1 (default 10)")
-    parser.add_argument("--regdb-trials", type=_trial_list, default=None,
+    parser.add_argument("--eval_trials", "--trials", dest="eval_trials", type=int, default=SYSU_TRIALS,
+                        help="SYSU-MM01: gallery trials 0..N-1 (default 10)")
+    parser.add_argument("--regdb_trials", type=_trial_list, default=None,
                         help="RegDB: trial numbers, e.g. 1,2,3 (default: the checkpoint's own trial, or all for a "
                              "backbone that was not fine-tuned on one)")
-    parser.add_argument("--flip", action="store_true", help="average features of each image and its mirror")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per extraction batch (default 128)")
+    parser.add_argument("--eval_flip", "--flip", dest="eval_flip", type=parse_bool, nargs="?", const=True, default=False,
+                        help="average features of each image and its mirror (default false)")
+    parser.add_argument("--eval_batch_size", "--batch_size", dest="eval_batch_size", type=int, default=128,
+                        help="images per extraction batch (default 128)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="input size for an exported backbone (default 288 144 ResNet, 256 128 ViT)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--source", default="auto", choices=("auto", "dali", "wds", "cache"),
                         help="image source (default auto)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no feature-extraction bar (it shows only when stderr is a terminal)")
+    parser.add_argument("--progress_bar", type=parse_bool, default=True, metavar="BOOL",
+                        help="feature-extraction bar (default true; it shows only when stderr is a terminal)")
+    parser.add_argument("--no_progress", dest="progress_bar", action="store_false", help="--progress_bar false")
     return parser
 
 
@@ -104,11 +108,11 @@ def _check_writable(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if len(args.checkpoint) > 1 and args.protocol != "regdb":
         raise UserError("several --checkpoint files are only meaningful for RegDB (one model per trial)")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.eval_batch_size < 1:
+        raise UserError(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
     device = _device(args.device)
     if args.out is not None:
         _check_writable(args.out)  # before the work, not after it
@@ -119,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_for_evaluation(path, device=device, size=tuple(args.size) if args.size else None)
         trials = _regdb_trials_for(loaded, args.regdb_trials) if args.protocol == "regdb" else None
         runs.append(evaluate(loaded.embed, args.shards, args.protocol, size=loaded.size, transform=loaded.transform,
-                             trials=args.trials, regdb_trials=trials, batch_size=args.batch_size,
-                             device=loaded.device, flip=args.flip, source=args.source, progress=args.progress))
+                             trials=args.eval_trials, regdb_trials=trials, batch_size=args.eval_batch_size,
+                             device=loaded.device, flip=args.eval_flip, source=args.source, progress=args.progress_bar))
     results = runs[0] if len(runs) == 1 else merge_trials(runs)
     print(format_table(results))
     if args.out is not None:
-        report = {"protocol": args.protocol, "checkpoints": [str(p) for p in args.checkpoint], "flip": args.flip,
+        report = {"protocol": args.protocol, "checkpoints": [str(p) for p in args.checkpoint], "flip": args.eval_flip,
                   "distance": "squared euclidean on L2-normalized features", "seconds": time.perf_counter() - started,
                   "results": [r.to_dict() for r in results]}
         try:
@@ -135,5 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry_point()

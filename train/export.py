@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from common.cli import run_cli
+from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
 from models.export import FORMATS, export_payload, write_export
 from models.registry import BackboneSpec
@@ -71,9 +71,9 @@ def export(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike) -> P
     return write_export(export_payload(backbone.state_dict, backbone.spec, fmt, backbone.source), out)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     formats = "\n".join(f"  {name:<16} {f.description}" for name, f in FORMATS.items())
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="reid-export",
         description="Export the pre-trained backbone (PASS: the teacher ViT) of a train.pretrain checkpoint.",
         epilog=f"formats:\n{formats}",

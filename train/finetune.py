@@ -69,7 +69,7 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.cli import run_cli
+from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
 from models.registry import backbone_entry, create_backbone
 from models.reid import ReIDModel
@@ -694,15 +694,14 @@ def load_for_evaluation(path: str | Path, device: str | torch.device | None = No
 # --------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m train.finetune",
         description="Fine-tune a pre-trained ReID backbone (MMGL ResNet for RGB-IR with the AGW recipe, PASS ViT "
                     "for RGB with the TransReID recipe) and evaluate it under the dataset's standard protocol. "
                     "Settings come from a preset, then from --key value overrides; `--help` with --preset lists "
                     "them with that preset's values. Several processes: accelerate launch -m train.finetune ...",
         add_help=False,
-        allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # --shards and --init are checked after --help, which needs neither
@@ -713,7 +712,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE",
                         help="settings from a JSON or YAML file (e.g. another run's config.json), applied after the "
                              "preset; --key value settings on the command line override it")
-    parser.add_argument("--print_config", "--print-config", action="store_true",
+    parser.add_argument("--print_config", action="store_true",
                         help="print the resolved configuration as JSON (the config.json of the run) and exit")
     parser.add_argument("--resume", default=None,
                         help="`latest` (this output_dir's last checkpoint) or a checkpoint / run folder")
@@ -721,7 +720,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def help_text(parser: argparse.ArgumentParser, preset: str) -> str:
+def help_text(parser: ArgumentParser, preset: str) -> str:
     """Usage, the recipes, and every setting with its meaning and the value of ``preset`` (the
     rendering of ``python -m train.pretrain --help``)."""
     return "\n".join([parser.format_help(), "presets:", presets_help(PRESETS),
@@ -730,7 +729,7 @@ def help_text(parser: argparse.ArgumentParser, preset: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     if args.help:
         print(help_text(parser, args.preset or DEFAULT_PRESET))
@@ -753,5 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    entry_point()

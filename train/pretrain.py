@@ -44,7 +44,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from common.cli import run_cli
+from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
 from pipelines.batch import Batch
 from pipelines.sources import Source, make_source
@@ -77,14 +77,13 @@ CONFIG_FILE = "config.json"
 
 
 # --- command line ----------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m train.pretrain",
         description="Self-supervised pre-training (one loop for every method) under HuggingFace accelerate. "
         "Settings come from a preset, then from --key value overrides (--name for shared settings, "
         "--method.name for the method's); `--help` with --method or --preset lists them with that preset's values.",
         add_help=False,
-        allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--method", choices=sorted(METHODS), help="pre-training method")
@@ -94,13 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE",
                         help="settings from a JSON or YAML file (e.g. another run's config.json), applied after the "
                              "preset; --key value settings on the command line override it")
-    parser.add_argument("--print_config", "--print-config", action="store_true",
+    parser.add_argument("--print_config", action="store_true",
                         help="print the resolved configuration as JSON (the config.json of the run) and exit")
     parser.add_argument("-h", "--help", action="store_true", help="show this help and the settings, then exit")
     return parser
 
 
-def help_text(parser: argparse.ArgumentParser, method: Optional[str], preset: Optional[str]) -> str:
+def help_text(parser: ArgumentParser, method: Optional[str], preset: Optional[str]) -> str:
     """Usage, the presets, and every setting with the value of ``preset`` (or the method's default)."""
     lines = [parser.format_help(), "presets:", presets_help(preset_registry(), lambda config: f"[{config.method}] ")]
     try:
