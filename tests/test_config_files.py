@@ -95,3 +95,14 @@ def test_old_saved_configs_load_with_the_registry_names():
     assert passed.method_config.arch == "vit_tiny"
     with pytest.raises(UserError, match="unknown backbone"):
         config_from_dict({"method": "pass", "train": {}, "method_config": {"arch": "vit_huge"}})
+
+
+def test_an_old_run_config_json_still_starts_a_run(tmp_path, capsys):
+    old = resolve_config(None, "mmgl_tiny", ["--shards", "/data/s"]).to_dict()
+    old["method_config"].pop("backbone")
+    old["method_config"].update(backbone="tiny", two_stream=True)  # the names before the registry
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old))
+    values = printed(pretrain.main, ["--config", str(path)], capsys)
+    assert values["method_config"]["backbone"] == "resnet_tiny_two_stream" and "two_stream" not in values["method_config"]
+

@@ -82,6 +82,9 @@ def resolve_config(method: Optional[str], preset: Optional[str], overrides: Iter
         method = method or values.pop("method", None)
         preset = preset or values.pop("preset", None)
         values = {k: v for k, v in values.items() if k not in ("method", "preset")}
+        owner = method or _preset_method(preset)
+        if isinstance(values.get("method_config"), dict) and owner in METHODS:  # an older run's names
+            values["method_config"] = METHODS[owner].upgrade(values["method_config"])
         tokens = settings_tokens(values, {"train": "", "method_config": "method."}) + tokens
     if method is not None and method not in METHODS:
         raise UserError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
@@ -97,6 +100,12 @@ def resolve_config(method: Optional[str], preset: Optional[str], overrides: Iter
         raise UserError(f"preset {preset!r} is for method {config.method!r}, not {method!r}")
     config.preset = preset
     return apply_overrides(config, tokens)
+
+
+def _preset_method(preset: Optional[str]) -> Optional[str]:
+    """The method a registered preset is for (None for no or an unknown preset)."""
+    registry = preset_registry()
+    return registry[preset]().method if preset in registry else None
 
 
 def apply_overrides(config: RunConfig, tokens: list[str]) -> RunConfig:
