@@ -25,12 +25,13 @@ Schedules (per step, computed once for the run, :mod:`train.schedules`): teacher
 update during the first ``freeze_last_layer_epochs`` epochs (its gradients are dropped before
 the optimizer step, as DINO's ``cancel_gradients_last_layer``).
 
-Presets: :data:`PASS_PRESETS` (``pass_vits_lup``: the paper's ViT-S/16 LUPerson run;
-``pass_tiny``: a CPU smoke run).
+Presets: :data:`PASS_PRESETS` (``pass_vits_lup`` / ``pass_vitb_lup``: the paper's ViT-S/16 and
+ViT-B/16 LUPerson runs; ``pass_tiny``: a CPU smoke run).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -262,6 +263,16 @@ def pass_vits_lup() -> RunConfig:
     return RunConfig("pass", train, PASSConfig())
 
 
+def pass_vitb_lup() -> RunConfig:
+    """The paper's ViT-B/16 run on LUPerson (8 GPUs x 64 images, 100 epochs, bf16).
+
+    As ``pass_vits_lup`` with a ViT-B/16 backbone and 64 images per GPU (``PASS/script/
+    vit-b_full_lup-pass.sh``): AdamW lr 5e-4 x 512/256."""
+    config = pass_vits_lup()
+    train = dataclasses.replace(config.train, batch_size=64, output_dir="runs/pass_vitb_lup")
+    return RunConfig("pass", train, PASSConfig(arch="vit_base"))
+
+
 def pass_tiny() -> RunConfig:
     """A CPU smoke run of 10 steps (2-block ViT, 64x32 images, batch 8, float32).
 
@@ -271,9 +282,9 @@ def pass_tiny() -> RunConfig:
         epochs=2, max_steps=10, batch_size=8, lr=5e-4, warmup_epochs=0.5, min_lr=1e-6, precision="no",
         output_dir="runs/pass_tiny", checkpoint_every_epochs=1, keep_last=2, log_every=2,
     )
-    method = PASSConfig(arch="vit_tiny_test", image_size=(64, 32), local_size=(32, 16), canvas_size=(128, 64), out_dim=256,
-                        hidden_dim=128, bottleneck_dim=64)
+    method = PASSConfig(arch="vit_tiny_test", image_size=(64, 32), local_size=(32, 16), canvas_size=(128, 64),
+                        out_dim=256, hidden_dim=128, bottleneck_dim=64)
     return RunConfig("pass", train, method)
 
 
-PASS_PRESETS = {"pass_vits_lup": pass_vits_lup, "pass_tiny": pass_tiny}
+PASS_PRESETS = {"pass_vits_lup": pass_vits_lup, "pass_vitb_lup": pass_vitb_lup, "pass_tiny": pass_tiny}
