@@ -126,7 +126,7 @@ def source_for(ctx: RunContext, workload: Workload, spec: DataSpec, device: torc
     config = workload.config()
     kind = "cache" if spec.sampler != "random" else ("dali" if dali_available() else "wds")
     source = make_source(ctx.data.shards, "train", batch_size=config.train.batch_size, size=spec.size, device=device,
-                         source=kind, seed=0, sampler=spec.sampler, num_workers=ctx.cores)
+                         source=kind, seed=0, sampler=spec.sampler, num_workers=ctx.cores, fit=spec.fit)
     return source, kind
 
 

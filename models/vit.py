@@ -33,6 +33,7 @@ There is no dropout besides drop path (DINO and PASS use none).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -312,3 +313,65 @@ def to_pass_reid_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.T
         out[f"part_token{k + 1}"] = state["part_tokens"][:, k : k + 1].clone()
         out[f"part{k + 1}_pos"] = state["part_pos_embed"][:, k : k + 1].clone()
     return out
+
+
+def from_pass_reid_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`to_pass_reid_state_dict`: a backbone ``state_dict`` in the layout of
+    PASS-reID's ViT (``PASS/vision_transformer.py`` pre-training, ``PASS_transreid`` fine-tuning:
+    ``part_token{k}``, ``cls_pos``, ``part{k}_pos`` ``(1, 1, D)``, ``pos_embed`` of the patches
+    ``(1, N, D)``) -> this module's keys (``part_tokens``, ``part_pos_embed`` ``(1, K, D)``,
+    ``cls_pos_embed``, ``patch_pos_embed``). K is the number of ``part_token{k}`` keys (1..K,
+    none missing); other keys pass unchanged (the caller loads strictly to catch strays)."""
+    ks = sorted(int(k[len("part_token"):]) for k in state if k.startswith("part_token") and k[len("part_token"):].isdigit())
+    if ks != list(range(1, len(ks) + 1)) or not ks:
+        raise KeyError(f"part_token1..K expected, found part tokens {ks}")
+    missing = [name for k in ks for name in (f"part{k}_pos",) if name not in state] + [
+        name for name in ("cls_pos", "pos_embed") if name not in state]
+    if missing:
+        raise KeyError(f"missing {', '.join(missing)}")
+    parts = {f"part_token{k}" for k in ks} | {f"part{k}_pos" for k in ks}
+    renamed = {"cls_pos": "cls_pos_embed", "pos_embed": "patch_pos_embed"}
+    out = {renamed.get(k, k): v for k, v in state.items() if k not in parts}
+    out["part_tokens"] = torch.cat([state[f"part_token{k}"] for k in ks], dim=1)
+    out["part_pos_embed"] = torch.cat([state[f"part{k}_pos"] for k in ks], dim=1)
+    return out
+
+
+def patch_grid_of(num_patches: int, hw_ratio: int = 2) -> tuple[int, int]:
+    """The ``(h, w)`` patch grid of ``num_patches`` position embeddings of an image ``hw_ratio``
+    times as high as wide (16x8 for 128 at 2:1), as PASS_transreid's ``resize_pos_embed`` infers
+    it (``PRETRAIN_HW_RATIO``); refused when ``h * w != num_patches``."""
+    h = int(math.sqrt(num_patches * hw_ratio))
+    w = h // hw_ratio
+    if h * w != num_patches:
+        raise ValueError(f"{num_patches} position embeddings are not an h x w grid with h = {hw_ratio} w")
+    return h, w
+
+
+def resize_patch_pos_embed(
+    pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], mode: str = "bilinear"
+) -> torch.Tensor:
+    """Patch position embeddings ``(1, gh * gw, D)`` on ``old_grid`` resampled to ``new_grid``:
+    ``(1, h * w, D)``, row-major. ``mode="bilinear"`` (``align_corners=False``) is what
+    PASS_transreid / TransReID's ``load_param`` does when the fine-tuning input differs from
+    the pre-training one (384x128 from 256x128: 16x8 -> 24x8); the ViT's own per-forward
+    interpolation (:meth:`VisionTransformer.interpolate_patch_pos_embed`) is bicubic, as DINO."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos
+    gh, gw = old_grid
+    d = pos.shape[-1]
+    grid = pos.float().reshape(1, gh, gw, d).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], d).to(pos.dtype)
+
+
+def adapt_to_model(model: VisionTransformer, state: dict[str, torch.Tensor], hw_ratio: int = 2) -> dict[str, torch.Tensor]:
+    """``state`` (this module's keys) with ``patch_pos_embed`` resized to ``model``'s grid
+    (:func:`resize_patch_pos_embed`, bilinear as the reference's loader; the old grid from
+    :func:`patch_grid_of` with ``hw_ratio``): a model built for 384x128 loads weights
+    pre-trained at 256x128. Everything else is returned as it is."""
+    pos = state["patch_pos_embed"]
+    new = model.grid_size
+    if pos.shape[1] == new[0] * new[1]:
+        return state
+    return {**state, "patch_pos_embed": resize_patch_pos_embed(pos, patch_grid_of(pos.shape[1], hw_ratio), new)}

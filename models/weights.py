@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from common.errors import UserError
+from models.formats import read_safetensors
 from models.registry import BackboneSpec, backbone_entry, canonical_name, create_backbone, spec_from_dict
 
 NATIVE_FORMAT = "reid-pretrain/native-backbone/1"
@@ -37,7 +37,9 @@ def read_weights_file(path: str | Path) -> Any:
         raise UserError(f"weights file {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path), device="cpu")
+            tensors, metadata = read_safetensors(path)
+            # a native export keeps its description in the metadata (models.formats.save_weights)
+            return {**metadata, "state_dict": tensors} if metadata.get("format") == NATIVE_FORMAT else tensors
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unreadable file: a user error, whatever the loader raised
         # torch.load's messages run over many lines (and suggest weights_only=False): keep the gist.

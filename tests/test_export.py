@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from models.weights import load_backbone
@@ -29,7 +30,7 @@ COMMON_SHAPES = {
     "norm.weight": (D,), "norm.bias": (D,),
     **{f"blocks.{i}.{k}": v for i in range(DEPTH) for k, v in BLOCK_SHAPES.items()},
 }
-TRANSREID_SHAPES = {**COMMON_SHAPES, "pos_embed": (1, 1 + N, D), "part_tokens": (1, K, D), "part_pos_embed": (1, K, D)}
+TRANSREID_SHAPES = {**COMMON_SHAPES, "pos_embed": (1, 1 + N, D)}
 PASS_REID_SHAPES = {
     **COMMON_SHAPES, "cls_pos": (1, 1, D), "pos_embed": (1, N, D),
     **{f"part_token{k}": (1, 1, D) for k in (1, 2, 3)}, **{f"part{k}_pos": (1, 1, D) for k in (1, 2, 3)},
@@ -62,15 +63,16 @@ def test_native_export_loads_back_equal_to_the_teacher(run, tmp_path):
 
 
 def test_transreid_layout(run, tmp_path):
+    """TransReID's deit_small_patch16_224_TransReID layout: timm's keys without the [PART] keys
+    (its load_param crashes on a key its model lacks; tests/test_formats.py re-states it)."""
     out = export(run / "checkpoints" / "step_00000002", "transreid", tmp_path / "vit.pth")
     state = torch.load(out, weights_only=True)
     assert {k: tuple(v.shape) for k, v in state.items()} == TRANSREID_SHAPES
     teacher = teacher_backbone(run / "checkpoints" / "step_00000002")
     assert torch.equal(state["pos_embed"][:, :1], teacher["cls_pos_embed"])
     assert torch.equal(state["pos_embed"][:, 1:], teacher["patch_pos_embed"])
-    # a ViT in timm's layout (no part tokens) loads it with strict=False: only the part keys are extra
-    result = TimmLayoutViT().load_state_dict(state, strict=False)
-    assert result.missing_keys == [] and set(result.unexpected_keys) == {"part_tokens", "part_pos_embed"}
+    # a ViT in timm's layout (no part tokens) loads it strictly
+    TimmLayoutViT().load_state_dict(state, strict=True)
 
 
 class TimmLayoutViT(nn.Module):
@@ -83,6 +85,29 @@ class TimmLayoutViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + N, D))
         self.blocks = nn.Sequential(*(Block(D, 3, 4.0, True, 0.0, 1e-6) for _ in range(DEPTH)))
         self.norm = nn.LayerNorm(D, eps=1e-6)
+
+
+def test_timm_format_and_safetensors_output(run, tmp_path):
+    pth = export(run, "timm", tmp_path / "vit.pth")
+    st = export(run, "timm", tmp_path / "vit.safetensors")
+    state = torch.load(pth, weights_only=True)
+    TimmLayoutViT().load_state_dict(state, strict=True)
+    tensors = load_file(str(st))
+    assert set(tensors) == set(state) and all(torch.equal(tensors[k], state[k]) for k in state)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("fmt", ["native", "transreid", "pass_reid", "timm"])
+def test_every_format_writes_safetensors(run, tmp_path, fmt):
+    pth = export(run, fmt, tmp_path / "w.pth")
+    st = export(run, fmt, tmp_path / "w.safetensors")
+    reference = torch.load(pth, weights_only=True)
+    tensors = load_file(str(st))
+    reference = reference["state_dict"] if fmt == "native" else reference
+    assert set(tensors) == set(reference) and all(torch.equal(tensors[k], reference[k]) for k in reference)
+    if fmt == "native":  # the description travels in the metadata: load_backbone rebuilds the model
+        model = load_backbone(st)
+        assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
 
 
 def test_pass_reid_layout(run, tmp_path):

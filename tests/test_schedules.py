@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from train.schedules import cosine_schedule, scaled_learning_rate, warmup_constant_schedule
+from train.schedules import cosine_schedule, scaled_learning_rate, timm_cosine_epoch_schedule, warmup_constant_schedule
 
 
 def test_learning_rate_warmup_then_cosine_by_hand():
@@ -44,3 +44,44 @@ def test_fractional_warmup_and_linear_scaling():
     assert lr[:4].tolist() == pytest.approx([1.0, 1.25, 1.5, 1.75])
     assert scaled_learning_rate(5e-4, 1024, "linear") == pytest.approx(2e-3)
     assert scaled_learning_rate(5e-4, 1024, "none") == pytest.approx(5e-4)
+
+
+def test_timm_cosine_per_epoch_as_pass_transreid_runs_it_by_hand():
+    """BASE_LR 4e-4, 120 epochs, 20 warm-up epochs from 0.01 x lr, lr_min 0.002 x lr, stepped
+    per epoch (values worked out by hand from timm's CosineLRScheduler._get_lr(t = epoch))."""
+    base, steps = 4e-4, 3
+    lr = timm_cosine_epoch_schedule(base, epochs=120, steps_per_epoch=steps, warmup_epochs=20,
+                                    warmup_start=0.01 * base, minimum=0.002 * base)
+    assert lr.shape == (360,)
+    per_epoch = lr[::steps]
+    assert (lr.reshape(120, steps) == per_epoch[:, None]).all()  # constant within an epoch
+    # warm-up: 4e-6 + e * (4e-4 - 4e-6) / 20 = 4e-6 + e * 1.98e-5
+    assert per_epoch[0] == pytest.approx(4e-6)
+    assert per_epoch[1] == pytest.approx(2.38e-5)
+    assert per_epoch[10] == pytest.approx(2.02e-4)
+    assert per_epoch[19] == pytest.approx(3.802e-4)
+    # cosine over t / 120 from epoch 0: 8e-7 + 0.5 * (4e-4 - 8e-7) * (1 + cos(pi * t / 120))
+    # t = 20: cos(pi / 6) = 0.8660254 -> 8e-7 + 1.996e-4 * 1.8660254 = 3.732587e-4 (below epoch 19's 3.802e-4)
+    assert per_epoch[20] == pytest.approx(3.732587e-4, rel=1e-6)
+    assert per_epoch[20] < per_epoch[19]
+    # t = 60: cos(pi / 2) = 0 -> 8e-7 + 1.996e-4 = 2.004e-4
+    assert per_epoch[60] == pytest.approx(2.004e-4)
+    # t = 119: cos(119 pi / 120) = -0.99965732 -> 8e-7 + 1.996e-4 * 0.00034268 = 8.684e-7
+    assert per_epoch[119] == pytest.approx(8.684e-7, rel=1e-3)
+
+
+def test_timm_cosine_groups_share_the_warmup_start_and_the_minimum():
+    """Biases (lr x 2 in the reference) warm up from and decay to the same absolute values."""
+    base = 4e-4
+    bias = timm_cosine_epoch_schedule(2 * base, epochs=120, steps_per_epoch=1, warmup_epochs=20,
+                                      warmup_start=0.01 * base, minimum=0.002 * base)
+    assert bias[0] == pytest.approx(4e-6)
+    assert bias[10] == pytest.approx(4e-6 + 10 * (8e-4 - 4e-6) / 20)
+    assert bias[60] == pytest.approx(8e-7 + 0.5 * (8e-4 - 8e-7))
+
+
+def test_timm_cosine_past_its_cycle_stays_at_the_minimum():
+    lr = timm_cosine_epoch_schedule(1.0, epochs=6, steps_per_epoch=1, warmup_epochs=0, warmup_start=0.0,
+                                    minimum=0.1, cycle_epochs=4)
+    assert lr.tolist() == pytest.approx([1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.55,
+                                         0.1 + 0.45 * (1 + math.cos(3 * math.pi / 4)), 0.1, 0.1])

@@ -23,6 +23,7 @@ from pipelines.views import (
     shuffle_stripes,
 )
 from pipelines.views.common import RandomDraws, pad_crop_flip
+from pipelines.views.finetune import transreid_views
 from pipelines.views.pass_views import resized_crops, sample_resized_crop_boxes, shift_hue
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -325,3 +326,41 @@ def test_views_on_cuda_stay_on_the_device_and_are_reproducible():
     for a, b in zip(first, again):
         assert a.is_cuda and torch.equal(a, b)
         assert a.dtype == torch.int64 or torch.isfinite(a).all()
+
+
+def test_transreid_views_erase_like_timm_pixel_mode():
+    """timm's RandomErasing(p=0.5, mode="pixel"), its defaults written out: one box per erased
+    image, area 2% to 1/3 of the image, h/w log-uniform in (0.3, 1/0.3) (so log(h/w) is symmetric
+    around 0 on a square image), filled with N(0, 1) noise per pixel and channel."""
+    maker = transreid_views(size=(64, 64))
+    assert (maker.pad, maker.flip_p, maker.erase_p) == (10, 0.5, 0.5)
+    assert maker.normalize.mean == (0.5, 0.5, 0.5) and maker.normalize.std == (0.5, 0.5, 0.5)
+    n = 2000
+    views = maker(torch.full((n, 3, 64, 64), 255, dtype=torch.uint8), generator=4)
+    # White is 1.0 after mean = std = 0.5; the zero padding is -1.0; noise is anything else.
+    erased = ((views - 1.0).abs() > 1e-5) & ((views + 1.0).abs() > 1e-5)
+    box_any = erased.any(dim=1)  # (n, 64, 64)
+    hit = box_any.flatten(1).any(dim=1)
+    assert 0.45 < hit.float().mean() < 0.55
+    log_ratios, noise = [], []
+    for i in hit.nonzero().flatten()[:600].tolist():
+        rows = box_any[i].any(dim=1).nonzero().flatten()
+        cols = box_any[i].any(dim=0).nonzero().flatten()
+        h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        assert 0.02 * 64 * 64 * 0.8 < h * w < 64 * 64 / 3 * 1.2  # rounding of the sides
+        assert 0.3 * 0.7 < h / w < 1 / 0.3 / 0.7
+        log_ratios.append(math.log(h / w))
+        noise.append(views[i][:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].flatten())
+    assert abs(sum(log_ratios) / len(log_ratios)) < 0.1  # uniform h/w in (0.3, 3.33) gives about 0.5
+    values = torch.cat(noise)
+    values = values[((values - 1.0).abs() > 1e-5) & ((values + 1.0).abs() > 1e-5)]
+    assert abs(values.mean()) < 0.02 and abs(values.std() - 1.0) < 0.02
+
+
+def test_random_erasing_pixel_mode_is_batched_and_reproducible():
+    images = random_images(8, 64, 32, seed=9)
+    a = transreid_views(size=(64, 32))(images, generator=3)
+    b = transreid_views(size=(64, 32))(images, generator=3)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="erasing mode"):
+        FinetuneViews(erase_mode="noise")

@@ -139,7 +139,7 @@ def build_source(cfg: TrainConfig, method: Method, accelerator: Accelerator) -> 
         cfg.shards, cfg.split, batch_size=cfg.batch_size, size=spec.size, device=accelerator.device,
         source=cfg.source, shuffle=True, seed=cfg.seed, rank=accelerator.process_index,
         world=accelerator.num_processes, drop_last=True, sampler=spec.sampler, num_workers=cfg.num_workers,
-        skip_damaged=cfg.skip_damaged,
+        skip_damaged=cfg.skip_damaged, fit=spec.fit,
     )
 
 

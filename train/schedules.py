@@ -11,6 +11,8 @@ curves easy to check and plot.
   (0.996 -> 1, no warm-up) are all this shape.
 - :func:`warmup_constant_schedule`: linear from ``start`` to ``value`` over the warm-up, then
   constant; the teacher temperature.
+- :func:`timm_cosine_epoch_schedule`: timm's ``CosineLRScheduler`` stepped per epoch, the
+  learning rate of the TransReID fine-tuning recipe (PASS_transreid).
 """
 
 from __future__ import annotations
@@ -69,3 +71,42 @@ def scaled_learning_rate(lr: float, total_batch: int, rule: str) -> float:
     if rule == "none":
         return lr
     raise ValueError(f"unknown learning-rate scaling rule {rule!r}")
+
+
+def timm_cosine_epoch_schedule(
+    peak: float,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: int,
+    warmup_start: float,
+    minimum: float,
+    cycle_epochs: int | None = None,
+) -> np.ndarray:
+    """``(epochs * steps_per_epoch,)`` values of timm's ``CosineLRScheduler`` stepped once per
+    epoch, as TransReID / PASS_transreid run it (``t_in_epochs=True``, one cycle, no warm-up
+    prefix, no noise; ``solver/scheduler_factory.py`` and ``processor/processor.py``).
+
+    Epoch ``e`` (0-based) trains with the value at ``t = e`` for all its steps:
+
+    - ``t < warmup_epochs``: ``warmup_start + t * (peak - warmup_start) / warmup_epochs``;
+    - else: ``minimum + (peak - minimum) * (1 + cos(pi * t / cycle_epochs)) / 2`` -- the cosine
+      runs on ``t / cycle_epochs`` from epoch 0, not from the end of the warm-up, so the first
+      epoch after it is already below ``peak`` (and below the last warm-up value for long
+      warm-ups);
+    - ``t >= cycle_epochs`` (past the one cycle): ``minimum``.
+
+    ``cycle_epochs`` (timm's ``t_initial``) defaults to ``epochs``. ``warmup_start`` and
+    ``minimum`` are absolute values: the reference passes ``0.01 x`` and ``0.002 x`` its BASE_LR
+    to every parameter group, so a group with another peak (biases: ``2 x``) warms up from and
+    decays to the same values as the others. (Why ``t = e``: the scheduler sets
+    ``warmup_start`` when it is built, and ``scheduler.step(e)`` after epoch ``e`` of
+    ``1..epochs`` sets the value of ``t = e`` for the next one.)
+    """
+    cycle = int(cycle_epochs or epochs)
+    if cycle < 1 or epochs < 1 or steps_per_epoch < 1:
+        raise ValueError("epochs, steps_per_epoch and cycle_epochs must be positive")
+    t = np.arange(int(epochs), dtype=np.float64)
+    ramp = warmup_start + t * (peak - warmup_start) / max(int(warmup_epochs), 1)
+    cosine = minimum + 0.5 * (peak - minimum) * (1.0 + np.cos(math.pi * t / cycle))
+    per_epoch = np.where(t < warmup_epochs, ramp, np.where(t < cycle, cosine, minimum))
+    return np.repeat(per_epoch, int(steps_per_epoch)).astype(np.float64)

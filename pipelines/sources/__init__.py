@@ -19,6 +19,7 @@ import torch
 from pipelines.samplers import SAMPLERS, CrossModalSampler, IdentitySampler, PairSampler, RandomSampler, Sampler
 from pipelines.sources.base import Source, SplitShards, open_split, resolve_rank
 from pipelines.sources.cache import CachedSplit, CacheSource, cache_bytes, default_budget
+from pipelines.sources.canvas import FIT_MODES
 from pipelines.sources.dali import DaliSource, dali_available
 from pipelines.sources.wds import WdsSource
 from common.errors import UserError
@@ -87,6 +88,7 @@ def make_source(
     shuffle_buffer: int = 1024,
     prefetch: int = 2,
     skip_damaged: bool = False,
+    fit: str = "resize",
 ) -> Source:
     """The source for ``split`` of the shard folder ``shards``.
 
@@ -95,6 +97,9 @@ def make_source(
               ``random`` (identity samplers need the cache), else DALI when installed, else the
               webdataset fallback; ``dali`` / ``wds`` / ``cache`` force one.
     size:     ``(H, W)`` of the yielded images.
+    fit:      ``resize`` every image to ``size``, or ``canvas``: keep its source resolution and
+              aspect ratio on a ``size`` canvas (shrunk only when larger), with the valid size
+              per image in :attr:`pipelines.batch.Batch.valid` (:mod:`pipelines.sources.canvas`).
     sampler:  for the cache: ``random``, ``identity`` (P x K, ``batch_size = P * instances``),
               ``cross_modal`` (P x (K RGB + K IR), ``batch_size = 2 * P * instances``), ``pairs``
               (MMGL, ``batch_size`` slots, batches of ``2 * batch_size`` images), or a callable
@@ -108,6 +113,8 @@ def make_source(
     """
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}; expected one of: {', '.join(SOURCES)}")
+    if fit not in FIT_MODES:
+        raise UserError(f"unknown fit mode {fit!r}; expected one of: {', '.join(FIT_MODES)}")
     if len(tuple(size)) != 2 or min(size) < 1:
         raise UserError(f"image size must be (height, width) with positive values, got {size}")
     size = (int(size[0]), int(size[1]))
@@ -138,7 +145,7 @@ def make_source(
         raise UserError(f"sampler {sampler!r} works with the device cache only (--source cache or auto), not {source}")
     workers = num_workers
     common = dict(batch_size=batch_size, size=size, device=device, shuffle=shuffle, seed=seed,
-                  shuffle_buffer=shuffle_buffer, prefetch=prefetch)
+                  shuffle_buffer=shuffle_buffer, prefetch=prefetch, fit=fit)
     if source == "dali":
         return DaliSource(checked, rank=rank, world=world, drop_last=drop_last, num_threads=workers, **common)
     if source == "wds":

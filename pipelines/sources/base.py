@@ -320,9 +320,12 @@ class Source:
 
 
 def labels_to_batch(images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> Batch:
-    """A Batch from images already on ``device`` and int32 labels ``(B, 4)`` anywhere."""
+    """A Batch from images already on ``device`` and int32 labels ``(B, 4)`` anywhere; in the
+    ``canvas`` fit mode the labels carry two more columns, the valid ``(h, w)``
+    (:attr:`Batch.valid`)."""
     lab = labels.to(device=device, dtype=torch.int64, non_blocking=True)
-    return Batch(images, lab[:, 0], lab[:, 1], lab[:, 2], lab[:, 3])
+    valid = lab[:, 4:6] if lab.shape[1] == 6 else None
+    return Batch(images, lab[:, 0], lab[:, 1], lab[:, 2], lab[:, 3], valid)
 
 
 def default_workers() -> int:

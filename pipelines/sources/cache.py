@@ -52,11 +52,13 @@ def cache_bytes(samples: int, size: tuple[int, int]) -> int:
 
 class CachedSplit:
     """The decoded split on the device: ``images`` ``(N, 3, H, W)`` uint8 and int64 ``pid``,
-    ``camera``, ``modality``, ``index`` ``(N,)``."""
+    ``camera``, ``modality``, ``index`` ``(N,)``; ``valid`` int64 ``(N, 2)`` when the filling
+    source ran in the ``canvas`` fit mode (:mod:`pipelines.sources.canvas`), else None."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images = images
         self.pid, self.camera, self.modality, self.index = (labels[:, i].contiguous() for i in range(4))
+        self.valid = labels[:, 4:6].contiguous() if labels.shape[1] == 6 else None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -65,12 +67,15 @@ class CachedSplit:
     def fill(cls, stream: Source, total: int, size: tuple[int, int], device: torch.device) -> "CachedSplit":
         """Copy every batch of one epoch of ``stream`` into preallocated tensors on ``device``."""
         images = torch.empty((total, 3, *size), dtype=torch.uint8, device=device)
-        labels = torch.empty((total, 4), dtype=torch.int64, device=device)
+        labels = torch.empty((total, 6 if getattr(stream, "fit", "resize") == "canvas" else 4), dtype=torch.int64,
+                             device=device)
         row = 0
         for batch in stream:
             n = len(batch)
             images[row : row + n] = batch.images
-            labels[row : row + n] = torch.stack([batch.pid, batch.camera, batch.modality, batch.index], 1)
+            labels[row : row + n, :4] = torch.stack([batch.pid, batch.camera, batch.modality, batch.index], 1)
+            if batch.valid is not None:  # the canvas fit mode: keep each image's valid size
+                labels[row : row + n, 4:] = batch.valid
             row += n
         # samples lost to damage (webdataset path): keep only the rows that were filled
         return cls(images[:row], labels[:row])
@@ -78,7 +83,7 @@ class CachedSplit:
     def batch(self, idx: torch.Tensor) -> Batch:
         # index_select copies whole rows (4x faster than advanced indexing on the CPU; the same on CUDA)
         return Batch(self.images.index_select(0, idx), self.pid[idx], self.camera[idx], self.modality[idx],
-                     self.index[idx])
+                     self.index[idx], None if self.valid is None else self.valid[idx])
 
 
 class CacheSource(Source):

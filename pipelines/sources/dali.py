@@ -66,6 +66,7 @@ from pipelines.sources.base import (
     shard_order,
 )
 from common.errors import UserError
+from pipelines.sources.canvas import place_on_canvas
 
 #: Hash the shards to name the damaged ones only below this many bytes (larger: name them all).
 DIAGNOSE_HASH_LIMIT = 64 << 30
@@ -91,6 +92,30 @@ def resize_into(out: torch.Tensor, image: np.ndarray) -> None:
     out.copy_(x)
 
 
+def canvas_graph(jpegs, images, size: tuple[int, int]):
+    """The ``canvas`` fit step inside a DALI pipeline (:mod:`pipelines.sources.canvas`): decoded
+    HWC ``images`` -> ``(canvas HWC uint8 of size, valid int32 (2,) per sample)``.
+
+    The size rule is :func:`pipelines.sources.canvas.fitted_size`, computed from the encoded
+    image's shape (``fn.peek_image_shape``) with DALI's arithmetic; the resize gets that integer
+    size (bilinear, antialiased), then ``fn.crop`` with ``out_of_bounds_policy="pad"`` at
+    position (0, 0) pads the right and bottom with zeros up to the canvas.
+    """
+    from nvidia.dali import fn, math as dmath, types
+
+    canvas_h, canvas_w = size
+    shape = fn.cast(fn.peek_image_shape(jpegs), dtype=types.FLOAT)  # (h, w, c)
+    h, w = shape[0], shape[1]
+    scale = dmath.min(dmath.min(canvas_h / h, canvas_w / w), 1.0)
+    vh = dmath.max(dmath.floor(h * scale + 0.5), 1.0)
+    vw = dmath.max(dmath.floor(w * scale + 0.5), 1.0)
+    images = fn.resize(images, resize_y=vh, resize_x=vw, interp_type=types.INTERP_LINEAR, antialias=True)
+    images = fn.crop(images, crop_h=canvas_h, crop_w=canvas_w, crop_pos_x=0.0, crop_pos_y=0.0,
+                     out_of_bounds_policy="pad", fill_values=0)
+    valid = fn.cast(fn.stack(vh, vw), dtype=types.INT32)
+    return images, valid
+
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -109,6 +134,9 @@ class DaliSource(Source):
     shuffle:         shard order per epoch + a ``shuffle_buffer``-sample shuffle buffer
     prefetch:        DALI ``prefetch_queue_depth`` (batches prepared ahead)
     drop_last:       the epoch-length rule of :mod:`pipelines.sources.base`
+    fit:             ``resize`` to ``size``, or ``canvas``: keep the source resolution and aspect
+                     ratio on a ``size`` canvas, with the valid size per image
+                     (:mod:`pipelines.sources.canvas`; on a GPU :func:`canvas_graph`)
     """
 
     backend = "dali"
@@ -128,6 +156,7 @@ class DaliSource(Source):
         shuffle_buffer: int = 1024,
         prefetch: int = 2,
         num_threads: int | None = None,
+        fit: str = "resize",
     ):
         if not dali_available():
             raise UserError("the DALI source needs nvidia-dali (pip install nvidia-dali-cuda120); use --source wds")
@@ -140,6 +169,7 @@ class DaliSource(Source):
             )
         self.split = split
         self.size = (int(size[0]), int(size[1]))
+        self.fit = fit
         self.shuffle = shuffle
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.prefetch = max(1, int(prefetch))
@@ -188,7 +218,11 @@ class DaliSource(Source):
                 name="reader",
             )
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            if gpu:  # on the CPU, torch resizes after the pipeline (module docstring)
+            if gpu and self.fit == "canvas":
+                images, valid = canvas_graph(jpegs, images, self.size)
+                labels = fn.cat(labels, valid, axis=0)  # labels_to_batch reads columns 4, 5
+                images = fn.transpose(images, perm=[2, 0, 1])
+            elif gpu:  # on the CPU, torch resizes after the pipeline (module docstring)
                 h, w = self.size
                 images = fn.resize(images, resize_y=h, resize_x=w, interp_type=types.INTERP_LINEAR, antialias=True)
                 images = fn.transpose(images, perm=[2, 0, 1])
@@ -206,8 +240,13 @@ class DaliSource(Source):
             return labels_to_batch(out[:take], lab.clone(), self.device)
         out = torch.empty((take, 3, *self.size), dtype=torch.uint8)
         with single_intra_op_thread():
-            for i in range(take):
-                resize_into(out[i], np.asarray(images[i]))
+            if self.fit == "canvas":
+                valid = torch.tensor([place_on_canvas(out[i], np.asarray(images[i])) for i in range(take)],
+                                     dtype=torch.int32).view(take, 2)
+                lab = torch.cat([lab, valid], dim=1)
+            else:
+                for i in range(take):
+                    resize_into(out[i], np.asarray(images[i]))
         return labels_to_batch(out, lab, self.device)  # int32 -> int64 copies the labels
 
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
@@ -257,4 +296,4 @@ class DaliSource(Source):
         )
 
 
-__all__ = ["DaliSource", "dali_available"]
+__all__ = ["DaliSource", "canvas_graph", "dali_available"]

@@ -55,6 +55,7 @@ from pipelines.sources.base import (
     shard_order,
     warn_source,
 )
+from pipelines.sources.canvas import place_on_canvas
 from shards.format import IMAGE_EXT, LABEL_BYTES, LABEL_EXT, TAR_BLOCK, parse_index, split_member_name
 
 Segment = tuple[ShardRef, int, int]  # shard, first sample, end sample (in the shard)
@@ -132,17 +133,31 @@ def decode_image(data: bytes, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(im)
 
 
-def _decode_chunk(raw: list[dict], size: tuple[int, int], events: list) -> tuple[np.ndarray, np.ndarray]:
+def decode_to_canvas(data: bytes, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """The ``canvas`` fit step (:mod:`pipelines.sources.canvas`): image bytes -> uint8 ``(H, W, 3)``
+    canvas holding the image at its source resolution (shrunk only to fit), and its valid ``(h, w)``."""
+    with Image.open(io.BytesIO(data)) as im:
+        decoded = np.array(im.convert("RGB"))  # writable: torch.from_numpy warns on a read-only array
+    canvas = torch.empty((3, *size), dtype=torch.uint8)
+    valid = place_on_canvas(canvas, decoded)
+    return canvas.permute(1, 2, 0).numpy(), valid
+
+
+def _decode_chunk(raw: list[dict], size: tuple[int, int], events: list, fit: str = "resize") -> tuple[np.ndarray, np.ndarray]:
     h, w = size
     images = np.empty((len(raw), h, w, 3), dtype=np.uint8)
-    labels = np.empty((len(raw), 4), dtype=np.int32)
+    # canvas mode: two more label columns, the valid (h, w) (pipelines.sources.base.labels_to_batch)
+    labels = np.empty((len(raw), 6 if fit == "canvas" else 4), dtype=np.int32)
     n = 0
     for sample in raw:
         try:
             if LABEL_EXT not in sample or len(sample[LABEL_EXT]) != LABEL_BYTES:
                 raise ValueError(f"no valid .{LABEL_EXT} member")
-            labels[n] = np.frombuffer(sample[LABEL_EXT], dtype="<i4")
-            images[n] = decode_image(sample[IMAGE_EXT], size)
+            labels[n, :4] = np.frombuffer(sample[LABEL_EXT], dtype="<i4")
+            if fit == "canvas":
+                images[n], labels[n, 4:] = decode_to_canvas(sample[IMAGE_EXT], size)
+            else:
+                images[n] = decode_image(sample[IMAGE_EXT], size)
         except Exception as err:
             events.append(("sample", sample["__shard__"], 1, f"{sample['__key__']}: {type(err).__name__}: {err}"))
             continue
@@ -154,8 +169,9 @@ class _EpochStream(IterableDataset):
     """One rank's epoch, cut into ``parts`` worker parts; yields dict chunks (see module doc)."""
 
     def __init__(self, parts: list[list[Segment]], counts: list[int], *, batch: int, size, shuffle: bool,
-                 buffer: int, seeds: list[int], skip_samples: int):
+                 buffer: int, seeds: list[int], skip_samples: int, fit: str = "resize"):
         self.parts, self.counts = parts, counts
+        self.fit = fit
         self.batch, self.size = batch, size
         self.shuffle, self.buffer, self.seeds = shuffle, buffer, seeds
         self.skip_samples = skip_samples
@@ -187,7 +203,7 @@ class _EpochStream(IterableDataset):
             if n and start + n <= self.skip_samples:
                 out = {"raw": n, "decoded": False, "events": list(events)}
             else:
-                imgs, labs = _decode_chunk(raw, self.size, events)
+                imgs, labs = _decode_chunk(raw, self.size, events, self.fit)
                 out = {"raw": n, "decoded": True, "images": imgs, "labels": labs, "events": list(events)}
             events.clear()
             k += 1
@@ -243,10 +259,12 @@ class WdsSource(Source):
         shuffle_buffer: int = 1024,
         prefetch: int = 2,
         num_workers: int = 2,
+        fit: str = "resize",
     ):
         super().__init__(batch_size=batch_size, seed=seed, rank=rank, world=world, drop_last=drop_last, device=device)
         self.split = split
         self.size = (int(size[0]), int(size[1]))
+        self.fit = fit  # pipelines.sources.canvas: resize to size, or keep the source resolution on a size canvas
         self.shuffle = shuffle
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.prefetch = max(1, int(prefetch))
@@ -279,7 +297,8 @@ class WdsSource(Source):
         counts = [bounds[p + 1] - bounds[p] for p in range(nparts)]
         seeds = [seed_of(self.seed, epoch, self.rank, p, 3) for p in range(nparts)]
         return _EpochStream(parts, counts, batch=self.batch_size, size=self.size, shuffle=self.shuffle,
-                            buffer=self.shuffle_buffer, seeds=seeds, skip_samples=skip * self.batch_size)
+                            buffer=self.shuffle_buffer, seeds=seeds, skip_samples=skip * self.batch_size,
+                            fit=self.fit)
 
     def _note(self, events: list) -> None:
         for kind, shard, n, reason in events:
@@ -367,4 +386,4 @@ class WdsSource(Source):
                 yield to_batch(*last)
 
 
-__all__ = ["WdsSource", "decode_image", "segments_of"]
+__all__ = ["WdsSource", "decode_image", "decode_to_canvas", "segments_of"]

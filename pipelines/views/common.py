@@ -63,6 +63,11 @@ class RandomDraws:
         """Uniform in [low, high), float32."""
         return low + (high - low) * self.rand(shape)
 
+    def normal(self, shape: Sequence[int]) -> torch.Tensor:
+        """Standard normal N(0, 1), float32."""
+        z = torch.randn(tuple(shape), generator=self.generator, device=self._draw_device)
+        return z.to(self.device, non_blocking=True)
+
     def randint(self, shape: Sequence[int], high: int) -> torch.Tensor:
         """Uniform integers in [0, high), int64."""
         r = torch.randint(high, tuple(shape), generator=self.generator, device=self._draw_device)

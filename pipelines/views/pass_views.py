@@ -34,6 +34,16 @@ Deviations, all for batching on the device without host synchronization:
   box-filter approximation of the same Gaussian.
 - views go through float32 and are not re-quantized to 8 bits between steps, as PIL would.
 
+Input at the source resolution. PASS cuts every crop from the original image. With a source
+in the ``canvas`` fit mode (:mod:`pipelines.sources.canvas`) each image sits at its own
+resolution and aspect ratio in the top-left of a fixed canvas, and its valid size comes with
+the batch (``valid``): crop boxes, regions and the fallback centre crop are then computed per
+image from its own height and width, and the resampling never reads outside a box, so no crop
+sees the padding. Without ``valid`` every image is taken to fill the whole tensor (the
+``resize`` mode). Local crops are resampled from the whole canvas with boxes moved into their
+region (one matmul for all 9), which costs about twice the column pass of cutting the region's
+rows first, but needs no per-image slicing.
+
 Views are grouped by resolution so the model runs one pass per resolution; the ordering is
 view-major (see :class:`PASSViewBatch`).
 """
@@ -89,36 +99,38 @@ class PASSViewBatch:
 def sample_resized_crop_boxes(
     draws: RandomDraws,
     count: int,
-    height: int,
-    width: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
     scale: tuple[float, float],
     ratio: tuple[float, float],
 ) -> torch.Tensor:
     """Draw ``count`` RandomResizedCrop boxes in a ``height x width`` image.
 
-    Same distribution as torchvision's ``RandomResizedCrop.get_params`` (see module doc), with
-    the attempts of all boxes drawn at once. Returns float32 ``(count, 4)``: ``top, left, h, w``
-    in pixels (integer-valued).
+    ``height`` and ``width`` are ints (every box in the same image size) or float tensors
+    ``(count,)`` (box ``n`` in an image of ``height[n] x width[n]``: images of their own sizes on
+    a canvas). Same distribution as torchvision's ``RandomResizedCrop.get_params`` (see module
+    doc), with the attempts of all boxes drawn at once. Returns float32 ``(count, 4)``:
+    ``top, left, h, w`` in pixels (integer-valued).
     """
-    target = height * width * draws.uniform((count, CROP_ATTEMPTS), *scale)
+    device = draws.device
+    height = torch.as_tensor(height, dtype=torch.float32, device=device).expand(count)
+    width = torch.as_tensor(width, dtype=torch.float32, device=device).expand(count)
+    target = (height * width)[:, None] * draws.uniform((count, CROP_ATTEMPTS), *scale)
     aspect = torch.exp(draws.uniform((count, CROP_ATTEMPTS), math.log(ratio[0]), math.log(ratio[1])))
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.float().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
     found = fits.any(dim=1)
     # torchvision's fallback: the largest centred box with the ratio clamped into range.
-    if width / height < ratio[0]:
-        fallback_w, fallback_h = width, int(round(width / ratio[0]))
-    elif width / height > ratio[1]:
-        fallback_w, fallback_h = int(round(height * ratio[1])), height
-    else:
-        fallback_w, fallback_h = width, height
-    h = torch.where(found, h.gather(1, first)[:, 0], float(fallback_h))
-    w = torch.where(found, w.gather(1, first)[:, 0], float(fallback_w))
+    in_ratio = width / height
+    fallback_w = torch.where(in_ratio > ratio[1], torch.round(height * ratio[1]), width)
+    fallback_h = torch.where(in_ratio < ratio[0], torch.round(width / ratio[0]), height)
+    h = torch.where(found, h.gather(1, first)[:, 0], fallback_h)
+    w = torch.where(found, w.gather(1, first)[:, 0], fallback_w)
     u = draws.rand((count, 2))
-    i = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), float((height - fallback_h) // 2))
-    j = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), float((width - fallback_w) // 2))
+    i = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), torch.floor((height - fallback_h) / 2))
+    j = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), torch.floor((width - fallback_w) / 2))
     return torch.stack([i, j, h, w], dim=1)
 
 
@@ -269,24 +281,44 @@ class PASSViews:
         """Region of each local view: ``locals_per_region`` views of region 0, then 1, then 2."""
         return tuple(k for k in range(len(self.region_starts)) for _ in range(self.locals_per_region))
 
-    def __call__(self, images: torch.Tensor, generator: GeneratorLike = None) -> PASSViewBatch:
-        """images: uint8 ``(B, 3, H, W)`` on any device -> :class:`PASSViewBatch` on that device."""
+    def __call__(
+        self, images: torch.Tensor, generator: GeneratorLike = None, valid: Optional[torch.Tensor] = None
+    ) -> PASSViewBatch:
+        """images: uint8 ``(B, 3, H, W)`` on any device -> :class:`PASSViewBatch` on that device.
+
+        valid: int64 ``(B, 2)``, the ``(h, w)`` of each image's pixels in the top-left of its
+        canvas (:attr:`pipelines.batch.Batch.valid`, the ``canvas`` fit mode): every crop is then
+        drawn in, and resampled from, that image alone (its region stripes are fractions of its
+        own height). None: every image fills ``H x W``.
+        """
         b, _, h, w = images.shape
         draws = RandomDraws(generator, images.device)
         n_global = len(self.global_blur_p)
         n_local = len(self.local_region)
+        if valid is None:
+            heights = torch.full((b,), float(h), device=images.device)
+            widths = torch.full((b,), float(w), device=images.device)
+        else:
+            heights, widths = valid.to(images.device, torch.float32).unbind(1)
         # Whole rows; a region that rounding would push past the bottom is moved up to fit.
-        region_h = int(self.region_height * h)
-        region_tops = [min(round(s * h), h - region_h) for s in self.region_starts]
+        region_h = torch.floor(self.region_height * heights).clamp_(min=1.0)
+        region_tops = [torch.minimum(torch.round(s * heights), heights - region_h) for s in self.region_starts]
 
-        global_boxes = sample_resized_crop_boxes(draws, n_global * b, h, w, self.global_scale, self.ratio)
-        # Local boxes are drawn in their region's coordinates, region by region.
-        local_boxes = [
-            sample_resized_crop_boxes(draws, self.locals_per_region * b, region_h, w, self.local_scale, self.ratio)
-            for _ in region_tops
-        ]
+        global_boxes = sample_resized_crop_boxes(
+            draws, n_global * b, heights.repeat(n_global), widths.repeat(n_global), self.global_scale, self.ratio
+        )
+        # Local boxes are drawn in their region's coordinates, region by region, then moved to
+        # the image's: the resampling drops taps outside a box, so a crop sees only its region.
+        reps = self.locals_per_region
+        local_boxes = []
+        for top in region_tops:
+            boxes = sample_resized_crop_boxes(
+                draws, reps * b, region_h.repeat(reps), widths.repeat(reps), self.local_scale, self.ratio
+            )
+            boxes[:, 0] += top.repeat(reps)
+            local_boxes.append(boxes)
         global_flip = draws.bernoulli(n_global * b, self.flip_p)
-        local_flip = draws.bernoulli(n_local * b, self.flip_p).chunk(len(region_tops))
+        local_flip = draws.bernoulli(n_local * b, self.flip_p)
 
         x = to_unit_float(images)
         global_views = self._photometric(
@@ -295,14 +327,8 @@ class PASSViews:
             blur=draws.bernoulli_per_view(self.global_blur_p, b),
             solarize=draws.bernoulli_per_view(self.global_solarize_p, b),
         )
-        # Each region's crops are cut from that region's rows only (half the work of the whole
-        # image, and a crop cannot reach outside its region by construction).
-        local_crops = [
-            resized_crops(x[:, :, top : top + region_h], boxes, flip, self.local_size)
-            for top, boxes, flip in zip(region_tops, local_boxes, local_flip)
-        ]
         local_views = self._photometric(
-            torch.cat(local_crops),
+            resized_crops(x, torch.cat(local_boxes), local_flip, self.local_size),
             draws,
             blur=draws.bernoulli(n_local * b, self.local_blur_p),
             solarize=None,

@@ -35,7 +35,10 @@ from pipelines.batch import Batch
 class DataSpec:
     """What a method needs from the data pipeline (:func:`pipelines.sources.make_source`).
 
-    size:    ``(H, W)`` the source decodes and resizes every image to
+    size:    ``(H, W)`` the source decodes and resizes every image to (``fit="resize"``), or the
+             canvas that bounds the source resolution (``fit="canvas"``)
+    fit:     :data:`pipelines.sources.canvas.FIT_MODES`: ``resize`` to ``size``, or ``canvas``
+             (each image at its source resolution and aspect ratio, its valid size in the Batch)
     sampler: the source's sampler (``random``; ``pairs`` for MMGL's RGB/IR slots, which needs
              the device cache)
     images_per_slot: images per batch slot (2 for ``pairs``: a batch of ``B`` slots holds the
@@ -44,6 +47,7 @@ class DataSpec:
 
     size: tuple[int, int]
     sampler: str = "random"
+    fit: str = "resize"
     images_per_slot: int = 1
 
 

@@ -2,9 +2,14 @@
 
 One training step (``make_views`` then ``forward``):
 
-- views (:class:`pipelines.views.PASSViews`): per image, G = 2 global crops (the data size,
-  256x128) and L = 9 local crops (128x64), 3 from each of the K = 3 overlapping horizontal
-  regions, view-major;
+- views (:class:`pipelines.views.PASSViews`): per image, G = 2 global crops (256x128) and
+  L = 9 local crops (128x64), 3 from each of the K = 3 overlapping horizontal regions,
+  view-major. By default (``input="source"``, as PASS) they are cut from each image at its
+  source resolution and aspect ratio: the source decodes onto a ``canvas_size`` canvas
+  (shrinking only images larger than it) with the valid size per image
+  (:mod:`pipelines.sources.canvas`); ``input="resize"`` resizes every image to ``image_size``
+  first (this project's earlier behaviour: it distorts images that are not 2:1 and upsamples
+  the local crops of small ones);
 - student (ViT, drop path 0.1, + :class:`models.heads.TokenHeads`): one backbone pass over the
   ``G * B`` global views (CLS + all K parts) and one over the ``L * B`` local views with a
   per-view region tensor (CLS + PART_k of the view's region): one pass per resolution. The CLS
@@ -20,12 +25,13 @@ Schedules (per step, computed once for the run, :mod:`train.schedules`): teacher
 update during the first ``freeze_last_layer_epochs`` epochs (its gradients are dropped before
 the optimizer step, as DINO's ``cancel_gradients_last_layer``).
 
-Presets: :data:`PASS_PRESETS` (``pass_vits_lup``: the paper's ViT-S/16 LUPerson run;
-``pass_tiny``: a CPU smoke run).
+Presets: :data:`PASS_PRESETS` (``pass_vits_lup`` / ``pass_vitb_lup``: the paper's ViT-S/16 and
+ViT-B/16 LUPerson runs; ``pass_tiny``: a CPU smoke run).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -53,7 +59,9 @@ class PASSConfig:
     """PASS's own settings; defaults are the paper's (PASS-reID ``main_pass.py`` + ViT-S script)."""
 
     arch: Literal["vit_small", "vit_base", "vit_tiny"] = setting("vit_small", "backbone (models.registry): vit_small (ViT-S/16), vit_base (ViT-B/16), vit_tiny (tests)")
-    image_size: tuple[int, int] = setting((256, 128), "data size = global view size (H, W)")
+    image_size: tuple[int, int] = setting((256, 128), "global view size (H, W); the data size with input 'resize'")
+    input: Literal["source", "resize"] = setting("source", "source: crops from each image at its source resolution and aspect ratio (PASS), on a canvas_size canvas; resize: every image resized to image_size first")
+    canvas_size: tuple[int, int] = setting((512, 256), "input 'source': the largest (H, W) kept; larger images are shrunk to fit, aspect ratio kept")
     local_size: tuple[int, int] = setting((128, 64), "local view size (H, W)")
     global_scale: tuple[float, float] = setting((0.4, 1.0), "RandomResizedCrop area range of the global views")
     local_scale: tuple[float, float] = setting((0.1, 0.8), "RandomResizedCrop area range of the local views, in their region")
@@ -143,11 +151,13 @@ class PASS(Method):
 
     # --- data -----------------------------------------------------------------------------------
     def data_spec(self) -> DataSpec:
-        return DataSpec(size=tuple(self.config.image_size), sampler="random")
+        if self.config.input == "source":
+            return DataSpec(size=tuple(self.config.canvas_size), sampler="random", fit="canvas")
+        return DataSpec(size=tuple(self.config.image_size), sampler="random", fit="resize")
 
     @torch.no_grad()
     def make_views(self, batch: Batch, generator: torch.Generator) -> PASSViewBatch:
-        return self.views(batch.images, generator)
+        return self.views(batch.images, generator, batch.valid)
 
     # --- step -----------------------------------------------------------------------------------
     def forward(self, views: PASSViewBatch) -> StepOutput:
@@ -255,6 +265,16 @@ def pass_vits_lup() -> RunConfig:
     return RunConfig("pass", train, PASSConfig())
 
 
+def pass_vitb_lup() -> RunConfig:
+    """The paper's ViT-B/16 run on LUPerson (8 GPUs x 64 images, 100 epochs, bf16).
+
+    As ``pass_vits_lup`` with a ViT-B/16 backbone and 64 images per GPU (``PASS/script/
+    vit-b_full_lup-pass.sh``): AdamW lr 5e-4 x 512/256."""
+    config = pass_vits_lup()
+    train = dataclasses.replace(config.train, batch_size=64, output_dir="runs/pass_vitb_lup")
+    return RunConfig("pass", train, PASSConfig(arch="vit_base"))
+
+
 def pass_tiny() -> RunConfig:
     """A CPU smoke run of 10 steps (2-block ViT, 64x32 images, batch 8, float32).
 
@@ -264,13 +284,12 @@ def pass_tiny() -> RunConfig:
         epochs=2, max_steps=10, batch_size=8, lr=5e-4, warmup_epochs=0.5, min_lr=1e-6, precision="no",
         output_dir="runs/pass_tiny", checkpoint_every_epochs=1, keep_last=2, log_every=2,
     )
-    method = PASSConfig(arch="vit_tiny", image_size=(64, 32), local_size=(32, 16), out_dim=256,
-                        hidden_dim=128, bottleneck_dim=64)
+    method = PASSConfig(arch="vit_tiny", image_size=(64, 32), local_size=(32, 16), canvas_size=(128, 64),
+                        out_dim=256, hidden_dim=128, bottleneck_dim=64)
     return RunConfig("pass", train, method)
 
 
-PASS_PRESETS = {"pass_vits_lup": pass_vits_lup, "pass_tiny": pass_tiny}
-
+PASS_PRESETS = {"pass_vits_lup": pass_vits_lup, "pass_vitb_lup": pass_vitb_lup, "pass_tiny": pass_tiny}
 
 
 def upgrade_pass_config(values: dict) -> dict:
