@@ -125,10 +125,12 @@ def test_a_single_slot_batch_is_a_one_line_error(mmgl_shards, tmp_path, capsys):
     from shards.errors import run_cli
 
     argv = ["--method", "mmgl", "--preset", "mmgl_tiny", "--shards", str(mmgl_shards / "shards"),
-            "--batch_size", "1", "--progress_bar", "false", "--output_dir", str(tmp_path / "r")]
+            "--batch_size", "1", "--method.pcc_sets", "position", "--progress_bar", "false",
+            "--output_dir", str(tmp_path / "r")]
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err
-    assert "error: MMGL needs --batch_size of at least 2 slots" in err and "Traceback" not in err
+    assert "error: MMGL with --method.pcc_sets position needs --batch_size of at least 2 slots" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
