@@ -14,6 +14,7 @@ import torch
 from torchvision_layout import torchvision_resnet50_shapes
 from models.resnet import resnet50, resnet50_two_stream, resnet_tiny_test, to_agw_state, to_torchvision_state
 from pipelines.sources import make_source
+from pipelines.views.mmgl import MMGLViewBatch
 from shards.build import build
 from shards.errors import UserError
 from shards.synthetic import generate
@@ -87,6 +88,35 @@ def test_backbone_state_dict_has_no_heads():
     keys = set(method.backbone_state_dict())
     assert keys == set(resnet_tiny_test(two_stream=True).state_dict())
     assert not any("head" in k or "projection" in k for k in keys)
+
+
+def tiny_views(slots: int = 3) -> MMGLViewBatch:
+    g = torch.Generator().manual_seed(0)
+    perm = torch.stack([torch.randperm(6, generator=g) for _ in range(slots)])
+    return MMGLViewBatch(torch.randn(slots, 3, 96, 48, generator=g), torch.randn(slots, 3, 96, 48, generator=g), perm)
+
+
+def test_the_method_applies_its_loss_options_and_logs_both_accuracies():
+    views = tiny_views()
+    outputs = {}
+    for reduction, sets in (("mean", "slot"), ("sum", "slot"), ("mean", "position")):
+        torch.manual_seed(0)  # the same weights for every variant
+        method = MMGL(MMGLConfig(backbone="tiny", image_size=(96, 48), perm_reduction=reduction, pcc_sets=sets)).eval()
+        with torch.no_grad():
+            outputs[reduction, sets] = method(views).metrics
+    mean, total, position = outputs["mean", "slot"], outputs["sum", "slot"], outputs["mean", "position"]
+    assert total["loss_perm"].item() == pytest.approx(36 * mean["loss_perm"].item(), rel=1e-5)  # 6 x 6 entries
+    assert position["loss_perm"].item() == pytest.approx(mean["loss_perm"].item(), rel=1e-6)
+    assert position["loss_pcc"].item() != pytest.approx(mean["loss_pcc"].item(), rel=1e-3)
+    assert {"perm_acc", "perm_acc_stripe", "perm_acc_rgb", "perm_acc_ir", "pcc_acc"} <= set(mean)
+    assert mean["perm_acc_stripe"].item() >= mean["perm_acc"].item()  # all rows right implies each row right
+
+
+def test_unknown_loss_options_are_user_errors():
+    with pytest.raises(UserError, match="pcc_sets"):
+        MMGL(MMGLConfig(backbone="tiny", image_size=(96, 48), pcc_sets="region"))
+    with pytest.raises(UserError, match="perm_reduction"):
+        MMGL(MMGLConfig(backbone="tiny", image_size=(96, 48), perm_reduction="max"))
 
 
 # --------------------------------------------------------------------------------- tiny shards

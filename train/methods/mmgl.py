@@ -33,8 +33,8 @@ identities):
 
 Logged: ``loss_perm``, ``loss_pcc``, ``perm_acc`` (an image counts when all 6 rows are right;
 RGB and IR images together), ``perm_acc_rgb``, ``perm_acc_ir``, ``perm_acc_stripe`` (the fraction
-of rows right, over all stripes of both modalities; chance 1/6), ``pcc_acc``. Heads and losses run in float32 under mixed precision (Sinkhorn in
-the head, the losses with autocast off).
+of rows right, over all stripes of both modalities; chance 1/6), ``pcc_acc``. Heads and losses
+run in float32 under mixed precision (Sinkhorn in the head, the losses with autocast off).
 
 A split without both modalities cannot be paired: :func:`pipelines.sources.make_source` refuses
 it for the ``pairs`` sampler with a :class:`UserError`, from the manifest's counts, before any
@@ -56,7 +56,8 @@ from shards.errors import UserError
 from train.config import RunConfig, TrainConfig, setting
 from train.losses.pcc import (DEFAULT_RETRIEVAL_TEMPERATURE, DEFAULT_TAU, PCC_SETS, PCCSets,
                               part_cycle_contrastive)
-from train.losses.permutation import PermutationReduction, permutation_correct, permutation_loss, stripe_accuracy
+from train.losses.permutation import (PERMUTATION_REDUCTIONS, PermutationReduction, permutation_correct,
+                                      permutation_loss, stripe_accuracy)
 from train.methods.base import BackboneSpec, DataSpec, Method, StepOutput
 
 #: Backbones by name: the factory in :mod:`models.resnet` and its keyword arguments per variant.
@@ -111,6 +112,9 @@ class MMGL(Method):
             )
         if c.pcc_sets not in PCC_SETS:
             raise UserError(f"unknown --method.pcc_sets {c.pcc_sets!r}; expected one of: {', '.join(PCC_SETS)}")
+        if c.perm_reduction not in PERMUTATION_REDUCTIONS:
+            raise UserError(f"unknown --method.perm_reduction {c.perm_reduction!r}; expected one of: "
+                            f"{', '.join(PERMUTATION_REDUCTIONS)}")
         if c.tau <= 0 or c.retrieval_temperature <= 0:
             raise UserError(f"PCC temperatures must be positive, got tau={c.tau}, retrieval_temperature={c.retrieval_temperature}")
         factory, kwargs = BACKBONES[c.backbone][c.two_stream]
