@@ -235,7 +235,8 @@ def resnet50_two_stream(last_stride: int = 1, zero_init_residual: bool = False,
     return TwoStreamResNet(RESNET50_BLOCKS, 64, last_stride, zero_init_residual, non_local)
 
 
-def resnet_tiny_test(two_stream: bool = False, last_stride: int = 1, non_local: bool = False) -> ResNet | TwoStreamResNet:
+def resnet_tiny_test(two_stream: bool = False, last_stride: int = 1,
+                     non_local: bool = False) -> ResNet | TwoStreamResNet:
     """The same architecture at width 8 with one block per layer (num_features 256), for tests."""
     cls = TwoStreamResNet if two_stream else ResNet
     return cls((1, 1, 1, 1), 8, last_stride, non_local=non_local)

@@ -108,7 +108,8 @@ def test_non_local_blocks_are_the_identity_at_init(train):
         model.train(train)
     images, modality = torch.randn(4, 3, 96, 48), torch.tensor([0, 1, 0, 1])
     assert torch.allclose(with_nl(images, modality), plain(images, modality), atol=1e-6)
-    zero_bn = [v for k, v in with_nl.state_dict().items() if k.startswith("NL_") and k.endswith((".W.1.weight", ".W.1.bias"))]
+    zero_bn = [v for k, v in with_nl.state_dict().items()
+               if k.startswith("NL_") and k.endswith((".W.1.weight", ".W.1.bias"))]
     assert len(zero_bn) == 4 and all(torch.count_nonzero(v) == 0 for v in zero_bn)  # 2 blocks x (weight, bias)
 
 

@@ -75,7 +75,9 @@ class PCCOutput(NamedTuple):
     accuracy: torch.Tensor
 
 
-def _soft_retrieve(queries: torch.Tensor, keys: torch.Tensor, exclude: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def _soft_retrieve(
+    queries: torch.Tensor, keys: torch.Tensor, exclude: torch.Tensor | None, temperature: float
+) -> torch.Tensor:
     """Softmax-weighted average of ``keys`` per query, batched over the leading dimension.
 
     queries: ``(G, Q, d)``; keys: ``(G, K, d)``; exclude: bool ``(Q, K)``, True where a key is

@@ -21,7 +21,9 @@ PERMUTATION_REDUCTIONS = ("mean", "sum")
 PermutationReduction = Literal["mean", "sum"]
 
 
-def permutation_loss(predicted: torch.Tensor, target: torch.Tensor, reduction: PermutationReduction = "mean") -> torch.Tensor:
+def permutation_loss(
+    predicted: torch.Tensor, target: torch.Tensor, reduction: PermutationReduction = "mean"
+) -> torch.Tensor:
     """Squared error between predicted doubly stochastic matrices and permutation matrices.
 
     predicted: ``(N, n, n)`` doubly stochastic (the Sinkhorn output), any float dtype

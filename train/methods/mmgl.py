@@ -135,7 +135,8 @@ class MMGL(Method):
         half = len(batch) // 2
         if half < 2 and self.config.pcc_sets == "position":  # a user setting: say so before PCC fails
             raise UserError(f"MMGL with --method.pcc_sets position needs --batch_size of at least 2 slots (PCC "
-                            f"leaves each query out of its own modality's set, so a slot needs another one), got {half}")
+                            f"leaves each query out of its own modality's set, so a slot needs another one), "
+                            f"got {half}")
         return self.views(batch.images[:half], batch.images[half:], generator)
 
     def features(self, rgb: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
