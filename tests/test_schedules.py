@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from shards.errors import UserError
 from train.config import TrainConfig
 from train.methods.mmgl import MMGL, MMGLConfig
 from train.pretrain import build_optimizer, make_schedules
@@ -80,3 +81,9 @@ def test_the_pretraining_loop_builds_the_step_schedule_and_nesterov_sgd():
     optimizer = build_optimizer(MMGL(MMGLConfig(backbone="tiny", image_size=(96, 48))), cfg, torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.SGD)
     assert all(g["nesterov"] and g["momentum"] == 0.9 for g in optimizer.param_groups)
+
+
+def test_the_step_schedule_refuses_a_fractional_warmup():
+    with pytest.raises(UserError, match="whole epochs"):
+        TrainConfig(shards="x", lr_schedule="step", warmup_epochs=0.5).validate()
+    TrainConfig(shards="x", lr_schedule="cosine", warmup_epochs=0.5).validate()  # the cosine takes fractions
