@@ -168,23 +168,24 @@ class PermutationHead(nn.Module):
 
 
 class PartProjection(nn.Module):
-    """MMGL part features: pool the map into ``num_parts`` horizontal stripes, then a 1x1 conv
-    ``in_dim -> out_dim`` + BN + ReLU, shared by all stripes.
+    """MMGL part features: pool the map into ``num_parts`` horizontal stripes, then one 1x1 conv
+    ``in_dim -> out_dim`` (with bias) shared by all stripes, and nothing after it: the paper's
+    figure draws "AP -> 1x1 Conv -> 256" straight into the cosine similarities of PCC (no
+    normalization layer, no ReLU, which would also zero half of every feature before a cosine).
 
     ``(B, in_dim, h, w) -> (B, num_parts, out_dim)``, stripes top to bottom. Stripes are average
     pooled (adaptive pooling: with 18 rows and 6 stripes each stripe is exactly 3 rows; when h is
-    not a multiple, neighbouring stripes share a row). The conv has no bias, since the BN that
-    follows cancels it; the BN's statistics run over the batch and the stripes together.
+    not a multiple, neighbouring stripes share a row). One conv for all stripes, as the figure;
+    the release's fine-tuning loader drops keys named ``local_conv_list``, which hints at one conv
+    per stripe in the unpublished code, but in a shuffled image a position holds a random body
+    region, so a per-position conv would have nothing position-specific to learn.
     """
 
     def __init__(self, in_dim: int = 2048, out_dim: int = 256, num_parts: int = 6) -> None:
         super().__init__()
         self.num_parts = num_parts
-        self.conv = nn.Conv2d(in_dim, out_dim, 1, bias=False)
-        self.bn = nn.BatchNorm2d(out_dim)
-        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(in_dim, out_dim, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         stripes = F.adaptive_avg_pool2d(features, (self.num_parts, 1))  # (B, in_dim, n, 1)
-        x = self.relu(self.bn(self.conv(stripes)))  # (B, out_dim, n, 1)
-        return x.flatten(2).transpose(1, 2)
+        return self.conv(stripes).flatten(2).transpose(1, 2)  # (B, n, out_dim)

@@ -14,9 +14,14 @@ table: ``layer1.0.conv1.weight``, ``layer1.0.downsample.0.weight``, ``layer4.2.b
   under ``stems``: ``stems.rgb.conv1.weight``, ``stems.rgb.bn1.*``, ``stems.ir.conv1.weight``,
   ``stems.ir.bn1.*``, then the shared ``layer1`` .. ``layer4`` with torchvision's names.
 
+With ``non_local=True`` both carry the AGW baseline's non-local blocks
+(:mod:`models.nonlocal_block`: 2 after the last blocks of ``layer2``, 3 after those of
+``layer3``, the identity at init) under AGW's key names ``NL_2.*`` and ``NL_3.*``.
+
 Both return the ``layer4`` feature map ``(B, 2048, H/16, W/16)`` (with ``last_stride=1``); heads
 belong to the method. Their global ReID feature (:meth:`global_feature`, what
-:class:`models.reid.ReIDModel` uses) is the GeM of that map (AGW). Both work with ``channels_last`` inputs and weights: nothing
+:class:`models.reid.ReIDModel` uses) is the GeM of that map (AGW). Both work with ``channels_last``
+inputs and weights: nothing
 here calls ``.view`` on an activation.
 """
 
@@ -29,6 +34,7 @@ from torch import nn
 
 from common.errors import UserError
 from common.modality import MODALITY_CODE
+from models.nonlocal_block import AGW_NON_LOCAL_PER_LAYER, NonLocal, run_layer_with_non_local
 from models.pooling import gem
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
@@ -101,6 +107,7 @@ class _ResNetBase(nn.Module):
         last_stride: stride of ``layer4`` (1 for ReID, 2 for torchvision's classifier).
         zero_init_residual: start the last BN of every bottleneck at gamma 0 (see
             :meth:`_init_weights`; off by default).
+        non_local: add AGW's non-local blocks (``NL_2``, ``NL_3``; see the module docstring).
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class _ResNetBase(nn.Module):
         base_width: int = 64,
         last_stride: int = 1,
         zero_init_residual: bool = False,
+        non_local: bool = False,
     ) -> None:
         super().__init__()
         if len(blocks) != 4 or min(blocks) < 1:
@@ -131,6 +139,13 @@ class _ResNetBase(nn.Module):
         #: Size of :meth:`global_feature` (the ReID model's feature).
         self.feature_dim = in_channels
         self._init_weights(zero_init_residual)
+        # Built after the init above: they keep AGW's own init (zero W BatchNorm = identity).
+        self.non_local = non_local
+        if non_local:
+            for i in (2, 3):
+                count = min(AGW_NON_LOCAL_PER_LAYER[i - 1], blocks[i - 1])
+                channels = base_width * 2 ** (i - 1) * Bottleneck.expansion
+                self.add_module(f"NL_{i}", nn.ModuleList(NonLocal(channels) for _ in range(count)))
 
     def _build_stem(self, width: int) -> None:
         raise NotImplementedError
@@ -158,8 +173,12 @@ class _ResNetBase(nn.Module):
         """``(B, base_width, H/4, W/4) -> (B, num_features, H/16, W/16)`` with last stride 1
         (``H/32, W/32`` with last stride 2)."""
         x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
+        if self.non_local:
+            x = run_layer_with_non_local(self.layer2, self.NL_2, x)
+            x = run_layer_with_non_local(self.layer3, self.NL_3, x)
+        else:
+            x = self.layer2(x)
+            x = self.layer3(x)
         return self.layer4(x)
 
 
@@ -229,27 +248,30 @@ class TwoStreamResNet(_ResNetBase):
         return gem(self(images, modality))
 
 
-def resnet50(last_stride: int = 1, zero_init_residual: bool = False) -> ResNet:
-    """One-stream ResNet-50 without fc: 23,508,032 parameters."""
-    return ResNet(RESNET50_BLOCKS, 64, last_stride, zero_init_residual)
+def resnet50(last_stride: int = 1, zero_init_residual: bool = False, non_local: bool = False) -> ResNet:
+    """One-stream ResNet-50 without fc: 23,508,032 parameters (without non-local blocks)."""
+    return ResNet(RESNET50_BLOCKS, 64, last_stride, zero_init_residual, non_local)
 
 
-def resnet50_two_stream(last_stride: int = 1, zero_init_residual: bool = False) -> TwoStreamResNet:
-    """Two-stream ResNet-50 (RGB and IR stems, shared layers): 23,517,568 parameters."""
-    return TwoStreamResNet(RESNET50_BLOCKS, 64, last_stride, zero_init_residual)
+def resnet50_two_stream(last_stride: int = 1, zero_init_residual: bool = False,
+                        non_local: bool = False) -> TwoStreamResNet:
+    """Two-stream ResNet-50 (RGB and IR stems, shared layers): 23,517,568 parameters (without
+    non-local blocks)."""
+    return TwoStreamResNet(RESNET50_BLOCKS, 64, last_stride, zero_init_residual, non_local)
 
 
-def resnet_tiny_test(two_stream: bool = False, last_stride: int = 1) -> ResNet | TwoStreamResNet:
+def resnet_tiny_test(two_stream: bool = False, last_stride: int = 1,
+                     non_local: bool = False) -> ResNet | TwoStreamResNet:
     """The same architecture at width 8 with one block per layer (num_features 256), for tests."""
     cls = TwoStreamResNet if two_stream else ResNet
-    return cls((1, 1, 1, 1), 8, last_stride)
+    return cls((1, 1, 1, 1), 8, last_stride, non_local=non_local)
 
 
-def resnet_narrow(two_stream: bool = False, last_stride: int = 1) -> ResNet | TwoStreamResNet:
+def resnet_narrow(two_stream: bool = False, last_stride: int = 1, non_local: bool = False) -> ResNet | TwoStreamResNet:
     """The same architecture at width 32 with one block per layer (num_features 1024): small
     enough to pre-train on a CPU in minutes, wide enough to keep features (the CPU demo)."""
     cls = TwoStreamResNet if two_stream else ResNet
-    return cls((1, 1, 1, 1), 32, last_stride)
+    return cls((1, 1, 1, 1), 32, last_stride, non_local=non_local)
 
 
 # ------------------------------------------------------------------------------- key layouts
@@ -264,6 +286,8 @@ AGW_STEM_PREFIX = {"rgb": "visible_module.visible.", "ir": "thermal_module.therm
 AGW_LAYERS_PREFIX = "base_resnet.base."
 _STEM_MODULES = ("conv1.", "bn1.")
 _LAYER_MODULES = ("layer1.", "layer2.", "layer3.", "layer4.")
+#: AGW's non-local blocks: the same names in the native and the AGW layout (top level of ``embed_net``).
+_NON_LOCAL_MODULES = ("NL_1.", "NL_2.", "NL_3.", "NL_4.")
 
 
 def is_two_stream_state(state: dict[str, torch.Tensor]) -> bool:
@@ -274,14 +298,15 @@ def is_two_stream_state(state: dict[str, torch.Tensor]) -> bool:
 def _split_native(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """Native state -> (stem entries per stem name, shared layer entries), keys relative to each.
 
-    A one-stream state has one stem, named ``shared``. Any other key (a head left in, a foreign
-    state dict) is refused: an export must not silently drop or mislabel weights.
+    A one-stream state has one stem, named ``shared``. Non-local blocks (``NL_*``) count as shared
+    layers. Any other key (a head left in, a foreign state dict) is refused: an export must not
+    silently drop or mislabel weights.
     """
     stems: dict[str, dict[str, torch.Tensor]] = {}
     layers: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
-        if key.startswith(_LAYER_MODULES):
+        if key.startswith(_LAYER_MODULES + _NON_LOCAL_MODULES):
             layers[key] = value
         elif key.startswith("stems.") and key.count(".") >= 2:
             name, rest = key[len("stems."):].split(".", 1)
@@ -308,6 +333,9 @@ def to_torchvision_state(state: dict[str, torch.Tensor], stem: str | None = None
     images go through.
     """
     stems, layers = _split_native(state)
+    if any(key.startswith(_NON_LOCAL_MODULES) for key in layers):
+        raise UserError("this backbone has AGW non-local blocks (NL_* keys), which torchvision's ResNet-50 "
+                        "has no place for: export it as 'agw'")
     if "shared" in stems:
         if stem is not None:
             raise UserError(f"stem={stem!r} was given, but this is a one-stream model with a single shared stem")
@@ -333,13 +361,15 @@ def to_torchvision_rgb_state(state: dict[str, torch.Tensor]) -> dict[str, torch.
 def to_agw_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Native backbone state -> the AGW cross-modal network's keys (``embed_net``):
     ``visible_module.visible.{conv1,bn1}.*`` (RGB stem), ``thermal_module.thermal.{conv1,bn1}.*``
-    (IR stem) and ``base_resnet.base.layer{1..4}.*`` (shared layers).
+    (IR stem), ``base_resnet.base.layer{1..4}.*`` (shared layers) and, when the backbone has
+    them, the non-local blocks under their own names ``NL_2.*``, ``NL_3.*`` (as in ``embed_net``).
 
     A one-stream model's shared stem is written to both stems: AGW then computes exactly what the
     one-stream model computes, and fine-tuning may let the two stems drift apart.
     ``embed_net`` also holds modules this backbone does not have (the unused ``layer*`` copies
-    inside the stem modules, ``conv1``/``bn1`` of ``base_resnet.base``, non-local blocks,
-    BNNeck, classifier): load with ``strict=False``, which is what MMGL's AGW fine-tuning code does.
+    inside the stem modules, ``conv1``/``bn1`` of ``base_resnet.base``, the non-local blocks when
+    this one has none, BNNeck, classifier): load with ``strict=False``, which is what MMGL's AGW
+    fine-tuning code does.
     """
     stems, layers = _split_native(state)
     if "shared" in stems:
@@ -347,5 +377,6 @@ def to_agw_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if set(stems) != set(AGW_STEM_PREFIX):
         raise UserError(f"the AGW layout needs an RGB and an IR stem, this model has: {', '.join(sorted(stems))}")
     out = {AGW_STEM_PREFIX[name] + key: value for name, entries in stems.items() for key, value in entries.items()}
-    out.update({AGW_LAYERS_PREFIX + key: value for key, value in layers.items()})
+    out.update({(key if key.startswith(_NON_LOCAL_MODULES) else AGW_LAYERS_PREFIX + key): value
+                for key, value in layers.items()})
     return out

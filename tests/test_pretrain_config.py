@@ -77,6 +77,6 @@ def test_help_gives_each_presets_first_paragraph_whole(capsys):
     flat = " ".join(capsys.readouterr().out.split())
     # mmgl_sysu's and mmgl_tiny's first paragraphs run over several docstring lines
     assert ("mmgl_sysu [mmgl] The paper's run on SYSU-MM01 (train + val ids: 22,258 RGB + 11,909 IR images): "
-            "two-stream ResNet-50 from scratch, 288x144, 100 epochs. mmgl_tiny") in flat
+            "two-stream ResNet-50 from scratch, 288x144, 100 epochs. mmgl_sysu_adamw") in flat
     assert "the rate at which the tiny model's permutation accuracy rose in our CPU measurements. " in flat
-    assert "Batch: 64 slots" not in flat  # the second paragraph stays in the docstring
+    assert "Batch: 32 slots" not in flat  # the second paragraph stays in the docstring

@@ -5,8 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from train.schedules import cosine_schedule, scaled_learning_rate, timm_cosine_epoch_schedule, warmup_constant_schedule
+from common.errors import UserError
+from train.config import TrainConfig
+from train.methods.mmgl import MMGL, MMGLConfig
+from train.pretrain import build_optimizer, make_schedules
+from train.schedules import cosine_schedule, scaled_learning_rate, step_schedule, timm_cosine_epoch_schedule, warmup_constant_schedule
 
 
 def test_learning_rate_warmup_then_cosine_by_hand():
@@ -85,3 +90,41 @@ def test_timm_cosine_past_its_cycle_stays_at_the_minimum():
                                     minimum=0.1, cycle_epochs=4)
     assert lr.tolist() == pytest.approx([1.0, 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 0.55,
                                          0.1 + 0.45 * (1 + math.cos(3 * math.pi / 4)), 0.1, 0.1])
+
+
+def agw_adjust_learning_rate(base: float, epoch: int) -> float:
+    """The AGW code's schedule written out (mangye16/Cross-Modal-Re-ID-baseline train.py,
+    ``adjust_learning_rate``; the same in hansonchen1996/MMGL AGW/train.py)."""
+    if epoch < 10:
+        return base * (epoch + 1) / 10
+    if epoch < 20:
+        return base
+    if epoch < 50:
+        return base * 0.1
+    return base * 0.01
+
+
+def test_step_schedule_is_agws_per_epoch_schedule():
+    lr = step_schedule(0.1, epochs=81, steps_per_epoch=3, warmup_epochs=10, milestones=(20, 50), gamma=0.1)
+    assert len(lr) == 81 * 3
+    for epoch in range(81):
+        assert lr[3 * epoch: 3 * epoch + 3].tolist() == pytest.approx([agw_adjust_learning_rate(0.1, epoch)] * 3)
+    assert step_schedule(1.0, epochs=3, steps_per_epoch=1).tolist() == [1.0, 1.0, 1.0]  # no warm-up, no steps
+
+
+def test_the_pretraining_loop_builds_the_step_schedule_and_nesterov_sgd():
+    cfg = TrainConfig(shards="x", epochs=4, optimizer="sgd", lr=0.1, lr_scaling="none", lr_schedule="step",
+                      warmup_epochs=2, lr_milestones=(3,), lr_gamma=0.5, sgd_nesterov=True,
+                      weight_decay=5e-4, weight_decay_end=5e-4)
+    schedules = make_schedules(cfg, steps_per_epoch=2, world=1, images_per_slot=2)
+    assert schedules["lr"].tolist() == pytest.approx([0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05])
+    assert schedules["wd"].tolist() == pytest.approx([5e-4] * 8)
+    optimizer = build_optimizer(MMGL(MMGLConfig(backbone="resnet_tiny_two_stream", image_size=(96, 48))), cfg, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in optimizer.param_groups)
+
+
+def test_the_step_schedule_refuses_a_fractional_warmup():
+    with pytest.raises(UserError, match="whole epochs"):
+        TrainConfig(shards="x", lr_schedule="step", warmup_epochs=0.5).validate()
+    TrainConfig(shards="x", lr_schedule="cosine", warmup_epochs=0.5).validate()  # the cosine takes fractions

@@ -70,7 +70,7 @@ from train.runtime import (
     make_accelerator,
     non_finite_exit,
 )
-from train.schedules import cosine_schedule, scaled_learning_rate
+from train.schedules import cosine_schedule, scaled_learning_rate, step_schedule
 from train.settings import RunConfig, TrainConfig, presets_help, settings_help
 
 CONFIG_FILE = "config.json"
@@ -158,15 +158,20 @@ def build_optimizer(method: Method, cfg: TrainConfig, device: torch.device) -> t
     groups = parameter_groups(method)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, betas=cfg.betas, fused=True if device.type == "cuda" else None)
-    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.sgd_momentum)
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.sgd_momentum, nesterov=cfg.sgd_nesterov)
 
 
 def make_schedules(cfg: TrainConfig, steps_per_epoch: int, world: int, images_per_slot: int) -> dict[str, np.ndarray]:
-    """Per-step learning rate (warm-up then cosine, scaled by the total batch) and weight decay."""
+    """Per-step learning rate (scaled by the total batch; warm-up then cosine, or AGW's steps)
+    and weight decay."""
     total_batch = cfg.batch_size * world * images_per_slot
     peak = scaled_learning_rate(cfg.lr, total_batch, cfg.lr_scaling)
+    if cfg.lr_schedule == "step":
+        lr = step_schedule(peak, cfg.epochs, steps_per_epoch, int(cfg.warmup_epochs), cfg.lr_milestones, cfg.lr_gamma)
+    else:
+        lr = cosine_schedule(peak, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs)
     return {
-        "lr": cosine_schedule(peak, cfg.min_lr, cfg.epochs, steps_per_epoch, cfg.warmup_epochs),
+        "lr": lr,
         "wd": cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, cfg.epochs, steps_per_epoch),
     }
 

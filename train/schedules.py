@@ -13,6 +13,10 @@ curves easy to check and plot.
   constant; the teacher temperature.
 - :func:`timm_cosine_epoch_schedule`: timm's ``CosineLRScheduler`` stepped per epoch, the
   learning rate of the TransReID fine-tuning recipe (PASS_transreid).
+- :func:`step_schedule`: the AGW code's learning rate (``adjust_learning_rate`` in
+  mangye16/Cross-Modal-Re-ID-baseline ``train.py``): constant within an epoch, a warm-up of
+  ``base * (e + 1) / warmup_epochs`` in epoch ``e``, then ``base`` times ``gamma`` per milestone
+  passed.
 """
 
 from __future__ import annotations
@@ -61,6 +65,28 @@ def warmup_constant_schedule(
     warmup = min(total, int(round(warmup_epochs * steps_per_epoch)))
     ramp = np.linspace(start, value, warmup)
     return np.concatenate([ramp, np.full(total - warmup, value)]).astype(np.float64)
+
+
+def step_schedule(
+    base: float,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: int = 0,
+    milestones: tuple[int, ...] = (),
+    gamma: float = 0.1,
+) -> np.ndarray:
+    """``(epochs * steps_per_epoch,)`` values, constant within each epoch (AGW's schedule).
+
+    Epoch ``e`` gets ``base * (e + 1) / warmup_epochs`` while ``e < warmup_epochs``, then
+    ``base * gamma ** k`` where ``k`` is the number of ``milestones`` (epoch indices) ``<= e``.
+    AGW: ``warmup_epochs=10, milestones=(20, 50), gamma=0.1`` (0.1 x base in epoch 0, base in
+    epochs 9-19, 0.1 x base in 20-49, 0.01 x base from 50).
+    """
+    values = [
+        base * (e + 1) / warmup_epochs if e < warmup_epochs else base * gamma ** sum(e >= m for m in milestones)
+        for e in range(int(epochs))
+    ]
+    return np.repeat(np.asarray(values, dtype=np.float64), int(steps_per_epoch))
 
 
 def scaled_learning_rate(lr: float, total_batch: int, rule: str) -> float:

@@ -68,6 +68,12 @@ class TrainConfig:
     weight_decay_end: float = setting(0.4, "end of the cosine weight-decay schedule")
     betas: tuple[float, float] = setting((0.9, 0.999), "AdamW betas")
     sgd_momentum: float = setting(0.9, "SGD momentum")
+    sgd_nesterov: bool = setting(False, "Nesterov momentum for sgd (AGW: true)")
+    lr_schedule: Literal["cosine", "step"] = setting(
+        "cosine", "cosine: linear warm-up then cosine to min_lr; step: AGW's per-epoch warm-up (e+1)/warmup_epochs, "
+        "then x lr_gamma at each of lr_milestones")
+    lr_milestones: tuple[int, ...] = setting((), "epochs where the step schedule multiplies the lr by lr_gamma")
+    lr_gamma: float = setting(0.1, "the step schedule's factor per milestone")
     clip_grad: float = setting(3.0, "0 disables clipping")
     clip_mode: Literal["param", "global"] = setting("param", "param: each tensor's norm (DINO/PASS); global: total norm")
     # execution
@@ -98,6 +104,8 @@ class TrainConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise UserError(f"--{key} must not be negative, got {value}")
+        if self.lr_schedule == "step" and self.warmup_epochs != int(self.warmup_epochs):
+            raise UserError(f"--warmup_epochs must be whole epochs for the step schedule, got {self.warmup_epochs}")
         if self.warmup_epochs > self.epochs:
             raise UserError(f"--warmup_epochs {self.warmup_epochs} is longer than the run ({self.epochs} epochs)")
         if not self.shards:

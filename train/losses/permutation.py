@@ -5,36 +5,48 @@ position ``j`` of the shuffled image ``b``, and the ground-truth matrix is
 ``P[b, j, i] = 1`` iff ``perm[b, j] == i`` (row = position in the shuffled image, column =
 original stripe). The head predicts a doubly stochastic matrix with the same meaning.
 
-Both functions work in float32 whatever the input dtype: the differences of a nearly converged
+Every function works in float32 whatever the input dtype: the differences of a nearly converged
 doubly stochastic matrix to a 0/1 target are small, and bfloat16 keeps only ~3 significant digits.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
+#: Reductions of :func:`permutation_loss`; ``mean`` is the paper's ("MSE", ``nn.MSELoss``'s default).
+PERMUTATION_REDUCTIONS = ("mean", "sum")
+PermutationReduction = Literal["mean", "sum"]
 
-def permutation_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+
+def permutation_loss(
+    predicted: torch.Tensor, target: torch.Tensor, reduction: PermutationReduction = "mean"
+) -> torch.Tensor:
     """Squared error between predicted doubly stochastic matrices and permutation matrices.
 
     predicted: ``(N, n, n)`` doubly stochastic (the Sinkhorn output), any float dtype
     target:    ``(N, n, n)`` 0/1 permutation matrices (``MMGLViewBatch.permutation_matrix()``)
-    returns:   float32 scalar, ``mean over the N images of sum over the n x n entries of
-               (predicted - target) ** 2`` (the squared Frobenius distance per image)
+    reduction: ``mean`` (default, as published: the paper's "MSE" is ``torch.nn.MSELoss``'s
+               mean over all ``N n n`` entries; a uniform prediction scores ``(n - 1) / n ** 2``,
+               5/36 for 6 stripes) or ``sum`` (this project's earlier choice: summed over each
+               matrix's entries, averaged over the ``N`` images, i.e. ``n ** 2 = 36`` times the
+               mean; a uniform prediction scores ``n - 1``). The reduction sets what the PCC
+               weight lambda means: lambda 0.5 next to the sum acts like lambda 0.014 next to
+               the mean.
+    returns:   float32 scalar
 
-    Reduction (the paper says "MSE" and no more): summed over each matrix's entries, averaged
-    over images. The mean over entries (``torch.nn.MSELoss``'s default) is the same loss divided
-    by ``n ** 2 = 36``; next to the PCC InfoNCE term (a few nats) at the paper's weights
-    (lambda 0.3-0.5) it is then drowned: in our CPU measurement (tiny two-stream ResNet, 96x48,
-    lambda 0.5, AdamW 2e-3, 600 steps) permutation accuracy stayed at 0.000 with the mean and
-    rose with the sum, while the paper reports 98.6% after pre-training. A uniform prediction
-    scores ``n - 1 = 5``; a perfect one 0. MMGL applies it to the RGB and the IR images of every
-    slot alike: the caller stacks both modalities into ``N = 2B`` rows.
+    MMGL applies it to the RGB and the IR images of every slot alike: the caller stacks both
+    modalities into ``N = 2B`` rows.
     """
     if predicted.shape != target.shape or predicted.ndim != 3 or predicted.shape[1] != predicted.shape[2]:
         raise ValueError(f"expected two (N, n, n) tensors of one shape, got {tuple(predicted.shape)} and {tuple(target.shape)}")
-    return F.mse_loss(predicted.float(), target.float(), reduction="sum") / predicted.shape[0]
+    if reduction == "mean":
+        return F.mse_loss(predicted.float(), target.float())
+    if reduction == "sum":
+        return F.mse_loss(predicted.float(), target.float(), reduction="sum") / predicted.shape[0]
+    raise ValueError(f"unknown permutation-loss reduction {reduction!r}; expected one of {PERMUTATION_REDUCTIONS}")
 
 
 def permutation_correct(predicted: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -61,3 +73,15 @@ def permutation_accuracy(predicted: torch.Tensor, perm: torch.Tensor) -> torch.T
     Chance level is ``1 / n!`` (1/720 for 6 stripes).
     """
     return permutation_correct(predicted, perm).float().mean()
+
+
+def stripe_accuracy(predicted: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Per-stripe accuracy: the fraction of rows (positions) whose argmax is the right stripe,
+    over all ``N n`` rows; the lenient twin of :func:`permutation_accuracy` (all ``n`` rows right).
+
+    predicted: ``(N, n, n)``; perm: int64 ``(N, n)``; returns a float32 scalar in [0, 1].
+    Chance level is ``1 / n``.
+    """
+    if predicted.ndim != 3 or perm.shape != predicted.shape[:2]:
+        raise ValueError(f"expected predicted (N, n, n) and perm (N, n), got {tuple(predicted.shape)} and {tuple(perm.shape)}")
+    return (predicted.float().argmax(dim=-1) == perm).float().mean()

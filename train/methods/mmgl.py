@@ -17,27 +17,24 @@ identities):
    data-dependent routing, no host synchronization).
 3. Permutation recovery (:class:`models.heads.PermutationHead`): global average pool -> linear ->
    6x6 logits -> 20 log-space Sinkhorn iterations; loss = MSE against the ground-truth permutation
-   matrix, squared error summed over the 36 entries and averaged over the RGB and IR images
-   together (:func:`train.losses.permutation.permutation_loss`, which says why not the mean).
+   matrix, by default the mean over all entries of the RGB and IR images together, as
+   ``nn.MSELoss`` (:func:`train.losses.permutation.permutation_loss`; ``perm_reduction sum`` is
+   this project's earlier sum over each matrix's entries).
 4. PCC (:class:`models.heads.PartProjection` then :func:`train.losses.pcc.part_cycle_contrastive`):
-   the map is pooled into 6 stripe features, projected 2048 -> 256 (1x1 conv + BN + ReLU), and
-   compared stripe POSITION by stripe position (position ``j`` of every shuffled image). Choice,
-   measured: comparing by body region instead (un-shuffling the features with the known
-   permutation first) lets PCC be solved from absolute position alone -- the features of a
-   region that sits at the same position in two images match whatever they show, and a CNN
-   knows absolute position from the zero padding. In our CPU runs PCC accuracy then froze at
-   exactly ``1 / (2B / 6)`` (the position groups) and permutation recovery did not start. At a
-   fixed position, position carries no information; what distinguishes the candidates is which
-   body region each shows, so the soft retrieval has to find the semantically similar patches
-   (the same region of other people, in both modalities), which is also what the permutation
-   task needs. The RGB and the IR image of a slot show the same region at every position (shared
-   permutation), so each query has at least one cross-modal candidate of its own region.
+   the map is pooled into 6 stripe features, projected 2048 -> 256 by a 1x1 conv (the figure: no
+   normalization, no activation), and contrasted. Default (``pcc_sets slot``, the paper's
+   figure): every stripe of a slot's two images is a query that retrieves softly from the
+   stripes of the slot's shuffled RGB image and of its shuffled IR image; the two retrieved
+   features are the positive pair. ``pcc_sets position`` is this project's earlier variant
+   (retrieval over the stripes at the same position across the batch). The choices the paper
+   leaves open are stated in :mod:`train.losses.pcc`.
 5. loss = loss_perm + ``pcc_weight`` x loss_pcc (defaults: ``pcc_weight`` 0.5, ``tau`` 0.07,
-   6 stripes; the paper found 0.3-0.5 best in 0.2-1.0).
+   6 stripes; the paper found 0.3-0.5 best in 0.2-1.0, with the mean-reduced MSE).
 
-Logged: ``loss_perm``, ``loss_pcc``, ``perm_acc`` (RGB and IR images together), ``perm_acc_rgb``,
-``perm_acc_ir``, ``pcc_acc``. Heads and losses run in float32 under mixed precision (Sinkhorn in
-the head, the losses with autocast off).
+Logged: ``loss_perm``, ``loss_pcc``, ``perm_acc`` (an image counts when all 6 rows are right;
+RGB and IR images together), ``perm_acc_rgb``, ``perm_acc_ir``, ``perm_acc_stripe`` (the fraction
+of rows right, over all stripes of both modalities; chance 1/6), ``pcc_acc``. Heads and losses
+run in float32 under mixed precision (Sinkhorn in the head, the losses with autocast off).
 
 A split without both modalities cannot be paired: :func:`pipelines.sources.make_source` refuses
 it for the ``pairs`` sampler with a :class:`UserError`, from the manifest's counts, before any
@@ -58,8 +55,10 @@ from pipelines.batch import Batch
 from pipelines.views.mmgl import MMGLViewBatch, MMGLViews
 from common.errors import UserError
 from train.settings import RunConfig, TrainConfig, setting
-from train.losses.pcc import DEFAULT_RETRIEVAL_TEMPERATURE, DEFAULT_TAU, part_cycle_contrastive
-from train.losses.permutation import permutation_correct, permutation_loss
+from train.losses.pcc import (DEFAULT_RETRIEVAL_TEMPERATURE, DEFAULT_TAU, PCC_SETS, PCCSets,
+                              part_cycle_contrastive)
+from train.losses.permutation import (PERMUTATION_REDUCTIONS, PermutationReduction, permutation_correct,
+                                      permutation_loss, stripe_accuracy)
 from train.methods.base import DataSpec, Method, StepOutput
 
 #: The ResNets of :data:`models.registry.BACKBONES` MMGL trains (the paper's: resnet50_two_stream).
@@ -78,7 +77,11 @@ class MMGLConfig:
     image_size: tuple[int, int] = setting((288, 144), "view size (H, W); H a multiple of 16 x num_stripes")
     num_stripes: int = setting(6, "horizontal stripes shuffled, and pooled into part features")
     part_dim: int = setting(256, "PCC part feature size (1x1 conv 2048 -> part_dim)")
-    pcc_weight: float = setting(0.5, "lambda: loss = permutation + lambda x PCC")
+    pcc_weight: float = setting(0.5, "lambda: loss = permutation + lambda x PCC (paper: 0.2-1.0, 0.3-0.5 best)")
+    pcc_sets: PCCSets = setting("slot", "PCC retrieval sets: slot (the paper's figure: the stripes of the slot's "
+                                "RGB and IR image) or position (same stripe position across the batch)")
+    perm_reduction: PermutationReduction = setting("mean", "permutation MSE: mean over entries (nn.MSELoss, "
+                                                   "published) or sum over each matrix's entries")
     tau: float = setting(DEFAULT_TAU, "InfoNCE temperature of PCC")
     retrieval_temperature: float = setting(DEFAULT_RETRIEVAL_TEMPERATURE, "softmax temperature of PCC's soft retrieval")
     sinkhorn_iterations: int = setting(20, "log-space Sinkhorn iterations of the permutation head")
@@ -104,6 +107,11 @@ class MMGL(Method):
                 f"= {16 * c.num_stripes} (at least 2 stripes), so that every stripe covers whole rows of the "
                 "stride-16 feature map (288 and 96 work for 6 stripes)"
             )
+        if c.pcc_sets not in PCC_SETS:
+            raise UserError(f"unknown --method.pcc_sets {c.pcc_sets!r}; expected one of: {', '.join(PCC_SETS)}")
+        if c.perm_reduction not in PERMUTATION_REDUCTIONS:
+            raise UserError(f"unknown --method.perm_reduction {c.perm_reduction!r}; expected one of: "
+                            f"{', '.join(PERMUTATION_REDUCTIONS)}")
         if c.tau <= 0 or c.retrieval_temperature <= 0:
             raise UserError(f"PCC temperatures must be positive, got tau={c.tau}, retrieval_temperature={c.retrieval_temperature}")
         self.backbone: ResNet | TwoStreamResNet = create_backbone(c.backbone)
@@ -120,9 +128,10 @@ class MMGL(Method):
         if len(batch) % 2:
             raise ValueError(f"an MMGL batch holds B RGB then B IR images, got an odd count {len(batch)}")
         half = len(batch) // 2
-        if half < 2:  # a user setting, not a bug: say so before the first step fails inside PCC
-            raise UserError(f"MMGL needs --batch_size of at least 2 slots (PCC leaves each query out of its own "
-                            f"modality's set, so a slot needs another one), got {half}")
+        if half < 2 and self.config.pcc_sets == "position":  # a user setting: say so before PCC fails
+            raise UserError(f"MMGL with --method.pcc_sets position needs --batch_size of at least 2 slots (PCC "
+                            f"leaves each query out of its own modality's set, so a slot needs another one), "
+                            f"got {half}")
         return self.views(batch.images[:half], batch.images[half:], generator)
 
     def features(self, rgb: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
@@ -141,9 +150,10 @@ class MMGL(Method):
         predicted = self.permutation_head(features).matrix  # (2B, n, n) float32
         perm = torch.cat([views.perm, views.perm])  # both images of a slot share the permutation
         target = views.permutation_matrix()
-        loss_perm = permutation_loss(predicted, torch.cat([target, target]))
-        parts = self.part_projection(features)  # (2B, n, part_dim), by position
-        pcc = part_cycle_contrastive(parts[:batch], parts[batch:], self.config.tau, self.config.retrieval_temperature)
+        loss_perm = permutation_loss(predicted, torch.cat([target, target]), self.config.perm_reduction)
+        parts = self.part_projection(features)  # (2B, n, part_dim), stripes of the shuffled images
+        pcc = part_cycle_contrastive(parts[:batch], parts[batch:], self.config.tau, self.config.retrieval_temperature,
+                                     self.config.pcc_sets)
         loss = loss_perm + self.config.pcc_weight * pcc.loss
         with torch.no_grad():
             correct = permutation_correct(predicted, perm).float()
@@ -153,6 +163,7 @@ class MMGL(Method):
                 "perm_acc": correct.mean(),
                 "perm_acc_rgb": correct[:batch].mean(),
                 "perm_acc_ir": correct[batch:].mean(),
+                "perm_acc_stripe": stripe_accuracy(predicted, perm),
                 "pcc_acc": pcc.accuracy,
             }
         return StepOutput(loss, metrics)
@@ -171,24 +182,45 @@ def mmgl_sysu() -> RunConfig:
     """The paper's run on SYSU-MM01 (train + val ids: 22,258 RGB + 11,909 IR images): two-stream
     ResNet-50 from scratch, 288x144, 100 epochs.
 
-    Batch: 64 slots = 128 images (64 RGB + 64 IR) per step. An epoch pairs every RGB image once
-    (the IR set is cycled), so 22,258 // 64 = 347 steps per epoch, 34,700 steps in all. 64 is
-    what fits the original's single 11 GB consumer GPU at 288x144 in mixed precision; it gives
-    every stem's BatchNorm 64 images and every PCC query 63-64 candidates per modality and 127
-    negatives. A larger --batch_size scales the learning rate linearly (the loop's lr_scaling).
+    Optimizer, from the release (hansonchen1996/MMGL README: ``python train.py --dataset sysu
+    --stream two --lr 0.1 --pcc --part``): lr 0.1, the SGD scale of the release's AGW code, whose
+    optimizer and schedule are taken for everything the release does not say (``AGW/train.py``):
+    SGD, momentum 0.9, Nesterov, weight decay 5e-4, the lr constant within an epoch, warm-up
+    ``0.1 x (e + 1) / 10`` in epochs 0-9, 0.1 until epoch 19, 0.01 from 20, 0.001 from 50, no
+    gradient clipping. The lr is not scaled with the batch (``lr_scaling none``), as the AGW code.
 
-    Optimizer (not published; the only released code, the AGW fine-tuning, uses SGD): AdamW,
-    peak lr 2e-3 per 256 images (1e-3 at 128) after 5 warm-up epochs, cosine to 1e-6, weight
-    decay 0.05 (constant; none on biases and norms), per-tensor gradient clip 3.0. AdamW because
-    the two terms' gradients differ in scale by orders of magnitude across the network (the
-    Sinkhorn MSE reaches the backbone through a 36-way normalization) and Adam's per-parameter
-    scaling makes the balance insensitive to that; 1e-3 at batch 128 is the usual AdamW rate for
-    a ResNet-50 from scratch. bf16 autocast (heads and losses run in float32), channels_last.
+    Batch: 32 slots = 64 images (32 RGB + 32 IR) per step, the AGW code's 64 images per step
+    (8 ids x (4 RGB + 4 IR)) for which lr 0.1 was set; the release gives no pre-training batch.
+    An epoch pairs every RGB image once (the IR set is cycled): 22,258 // 32 = 695 steps.
+
+    This project's own choices (README "Reproducing the papers"): bf16 autocast (heads and losses
+    in float32) and channels_last for speed; no weight decay on biases and norm weights (the AGW
+    code decays every parameter). The AdamW recipe is ``mmgl_sysu_adamw``.
+    """
+    train = TrainConfig(
+        epochs=100, batch_size=32, optimizer="sgd", lr=0.1, lr_scaling="none", sgd_momentum=0.9, sgd_nesterov=True,
+        lr_schedule="step", warmup_epochs=10, lr_milestones=(20, 50), lr_gamma=0.1, weight_decay=5e-4,
+        weight_decay_end=5e-4, clip_grad=0.0, precision="bf16", channels_last=True, output_dir="runs/mmgl_sysu",
+        checkpoint_every_epochs=5, keep_last=3, log_every=50,
+    )
+    return RunConfig("mmgl", train, MMGLConfig())
+
+
+def mmgl_sysu_adamw() -> RunConfig:
+    """mmgl_sysu with this project's AdamW recipe instead of the release's SGD: 64 slots (128
+    images) per step, AdamW peak lr 2e-3 per 256 images after 5 warm-up epochs, cosine to 1e-6.
+
+    Weight decay 0.05 (constant; none on biases and norms), per-tensor gradient clip 3.0. AdamW
+    because the two terms' gradients differ in scale by orders of magnitude across the network
+    (the Sinkhorn MSE reaches the backbone through a 36-way normalization) and Adam's
+    per-parameter scaling makes the balance insensitive to that; 1e-3 at batch 128 is the usual
+    AdamW rate for a ResNet-50 from scratch. Not the published setting: no comparison with
+    mmgl_sysu has been measured yet.
     """
     train = TrainConfig(
         epochs=100, batch_size=64, optimizer="adamw", lr=2e-3, lr_scaling="linear", min_lr=1e-6,
         warmup_epochs=5, weight_decay=0.05, weight_decay_end=0.05, clip_grad=3.0, clip_mode="param",
-        precision="bf16", channels_last=True, output_dir="runs/mmgl_sysu", checkpoint_every_epochs=5,
+        precision="bf16", channels_last=True, output_dir="runs/mmgl_sysu_adamw", checkpoint_every_epochs=5,
         keep_last=3, log_every=50,
     )
     return RunConfig("mmgl", train, MMGLConfig())
@@ -207,7 +239,7 @@ def mmgl_tiny() -> RunConfig:
     return RunConfig("mmgl", train, MMGLConfig(backbone="resnet_tiny_two_stream", image_size=(96, 48)))
 
 
-MMGL_PRESETS = {"mmgl_sysu": mmgl_sysu, "mmgl_tiny": mmgl_tiny}
+MMGL_PRESETS = {"mmgl_sysu": mmgl_sysu, "mmgl_sysu_adamw": mmgl_sysu_adamw, "mmgl_tiny": mmgl_tiny}
 
 
 def upgrade_mmgl_config(values: dict) -> dict:
@@ -219,4 +251,5 @@ def upgrade_mmgl_config(values: dict) -> dict:
     return values
 
 
-__all__ = ["BACKBONES", "MMGL", "MMGLConfig", "MMGL_PRESETS", "mmgl_sysu", "mmgl_tiny", "upgrade_mmgl_config"]
+__all__ = ["BACKBONES", "MMGL", "MMGLConfig", "MMGL_PRESETS", "mmgl_sysu", "mmgl_sysu_adamw", "mmgl_tiny",
+           "upgrade_mmgl_config"]
