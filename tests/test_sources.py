@@ -375,7 +375,7 @@ def test_damage_warning_prints_as_one_clean_line(copy):
 
     truncate(copy)
     # as a command-line tool runs it: through run_cli, which prints data warnings on one line
-    script = ("from pipelines.sources import make_source\nfrom common.errors import run_cli\n"
+    script = ("from pipelines.sources import make_source\nfrom common.cli import run_cli\n"
               f"run_cli(lambda argv: make_source({str(copy)!r}, 'train', source='wds', batch_size=16, "
               f"size=({H}, {W}), device='cpu', rank=0, world=1, num_workers=0, skip_damaged=True) and 0)\n")
     repo = Path(__file__).resolve().parents[1]
