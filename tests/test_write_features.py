@@ -114,3 +114,19 @@ def test_output_checked_before_the_work(tmp_path):
         write(np.ones((2, 4)), rows, tmp_path / "o3")
     with pytest.raises(UserError, match="does not exist"):
         write_folder_features(MeanColour(), tmp_path / "missing-folder", tmp_path / "o4", size=SIZE)
+
+
+def test_modality_reaches_a_two_input_model(tmp_path, market_shards):
+    """``with_modality``: the model gets each image's modality code (a two-stream network's stem)."""
+    def colour_and_modality(images, modality):
+        return torch.cat([MeanColour()(images), modality[:, None].float()], dim=1)
+
+    data = tiny_datasets.sysu(tmp_path / "sysu")
+    written = write_folder_features(colour_and_modality, data.root, tmp_path / "out", size=SIZE, layout="sysu-mm01",
+                                    with_modality=True, batch_size=5)
+    codes = np.load(written.features)[:, 3]
+    assert [{0.0: "rgb", 1.0: "ir"}[c] for c in codes] == [r["modality"] for r in read_index(written.index)]
+    assert {"rgb", "ir"} == {r["modality"] for r in read_index(written.index)}
+    written = write_split_features(colour_and_modality, market_shards / "shards", "gallery", tmp_path / "split",
+                                   size=SIZE, source="wds", with_modality=True)
+    assert (np.load(written.features)[:, 3] == 0).all()

@@ -2,9 +2,11 @@
 with an index of what each row is (torchreid's ``FeatureExtractor``, fast-reid's demo: the way
 a ReID model is deployed on a gallery).
 
-The model is any ``nn.Module`` mapping uint8 images ``(B, 3, H, W)`` at ``size`` to features
-``(B, D)``: normalization belongs to it (wrap a network that takes normalized floats in
-:class:`models.onnx_export.TestTimeNetwork`, the same graph as the ONNX export).
+The model is any ``nn.Module`` (or callable) mapping uint8 images ``(B, 3, H, W)`` at ``size`` to
+features ``(B, D)``: normalization belongs to it (wrap a network that takes normalized floats in
+:class:`models.onnx_export.TestTimeNetwork`, the same graph as the ONNX export). With
+``with_modality=True`` it is called ``model(images, modality)`` with the images' modality codes
+``(B,)`` int64 (0 rgb, 1 ir): what a two-stream network needs to pick its stem.
 
 Written into the folder ``out``:
 
@@ -121,13 +123,16 @@ def write(features: torch.Tensor | np.ndarray, rows: list[IndexRow], out: str | 
     return Written(features_path, index_path, len(array), int(array.shape[1]))
 
 
-def _embed(model: nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+Model = nn.Module | Callable[..., torch.Tensor]
+
+
+def _call(model: Model, images: torch.Tensor, modality: torch.Tensor, with_modality: bool) -> torch.Tensor:
     with torch.no_grad():
-        return model(images.to(device)).float()
+        return (model(images, modality) if with_modality else model(images)).float()
 
 
-def embed_folder(model: nn.Module, root: str | Path, *, size: tuple[int, int], layout: str = "folder",
-                 batch_size: int = 64, device: str | torch.device = "cpu",
+def embed_folder(model: Model, root: str | Path, *, size: tuple[int, int], layout: str = "folder",
+                 batch_size: int = 64, device: str | torch.device = "cpu", with_modality: bool = False,
                  ) -> tuple[torch.Tensor, list[IndexRow], list[tuple[str, str]]]:
     """Features ``(N, D)`` of every image a ``layout`` finds under ``root``, their index rows,
     and the images left out ``(source, reason)`` (unreadable ones, and the layout's rejects)."""
@@ -141,8 +146,9 @@ def embed_folder(model: nn.Module, root: str | Path, *, size: tuple[int, int], l
 
     def flush() -> None:
         if pending:
-            batch = torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).contiguous()
-            parts.append(_embed(model, batch, device))
+            batch = torch.from_numpy(np.stack(pending)).permute(0, 3, 1, 2).contiguous().to(device)
+            codes = torch.tensor([MODALITY_CODE[r.modality] for r in rows[-len(pending):]], device=device)
+            parts.append(_call(model, batch, codes, with_modality))
             pending.clear()
 
     for record in records:
@@ -179,40 +185,42 @@ def split_sources(shards: str | Path, split: str) -> dict[int, SampleMeta]:
     return metas
 
 
-def embed_split(model: nn.Module, shards: str | Path, split: str, *, size: tuple[int, int], batch_size: int = 64,
-                device: str | torch.device = "cpu", source: str = "auto",
+def embed_split(model: Model, shards: str | Path, split: str, *, size: tuple[int, int], batch_size: int = 64,
+                device: str | torch.device = "cpu", source: str = "auto", with_modality: bool = False,
                 progress: bool = False) -> tuple[torch.Tensor, list[IndexRow]]:
     """Features ``(N, D)`` of every sample of a shard split, in sample-index order, and their
     index rows (source paths from the samples' ``KEY.json``)."""
     identity: Callable[[torch.Tensor], torch.Tensor] = lambda images: images  # noqa: E731  (uint8 to the model)
-    with torch.no_grad():
-        found = extract_features(lambda images, modality: model(images), shards, split, size=tuple(size),
-                                 transform=identity, batch_size=batch_size, device=device, source=source,
-                                 progress=progress)
+    found = extract_features(lambda images, modality: _call(model, images, modality, with_modality), shards, split,
+                             size=tuple(size), transform=identity, batch_size=batch_size, device=device,
+                             source=source, progress=progress)
     metas = split_sources(shards, split)
     rows = [IndexRow(metas[int(i)].source, int(p), int(c), MODALITY_NAME[int(m)])
             for i, p, c, m in zip(found.index, found.pid, found.camera, found.modality)]
     return found.features, rows
 
 
-def write_folder_features(model: nn.Module, root: str | Path, out: str | Path, *, size: tuple[int, int],
+def write_folder_features(model: Model, root: str | Path, out: str | Path, *, size: tuple[int, int],
                           layout: str = "folder", fmt: str = "npy", batch_size: int = 64,
-                          device: str | torch.device = "cpu", overwrite: bool = False) -> Written:
+                          device: str | torch.device = "cpu", with_modality: bool = False,
+                          overwrite: bool = False) -> Written:
     """:func:`embed_folder` then :func:`write`; the output is checked first."""
     check_output(out, fmt, overwrite)
-    features, rows, skipped = embed_folder(model, root, size=size, layout=layout, batch_size=batch_size, device=device)
+    features, rows, skipped = embed_folder(model, root, size=size, layout=layout, batch_size=batch_size, device=device,
+                                           with_modality=with_modality)
     written = write(features, rows, out, fmt, overwrite=True)
     written.skipped = skipped
     return written
 
 
-def write_split_features(model: nn.Module, shards: str | Path, split: str, out: str | Path, *,
+def write_split_features(model: Model, shards: str | Path, split: str, out: str | Path, *,
                          size: tuple[int, int], fmt: str = "npy", batch_size: int = 64,
-                         device: str | torch.device = "cpu", source: str = "auto",
+                         device: str | torch.device = "cpu", source: str = "auto", with_modality: bool = False,
                          overwrite: bool = False) -> Written:
     """:func:`embed_split` then :func:`write`; the output is checked first."""
     check_output(out, fmt, overwrite)
-    features, rows = embed_split(model, shards, split, size=size, batch_size=batch_size, device=device, source=source)
+    features, rows = embed_split(model, shards, split, size=size, batch_size=batch_size, device=device, source=source,
+                                 with_modality=with_modality)
     return write(features, rows, out, fmt, overwrite=True)
 
 
