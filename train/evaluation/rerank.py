@@ -57,7 +57,7 @@ JOIN_CHUNK = 1 << 23
 
 @dataclass(frozen=True)
 class _Problem:
-    """The three distance matrices as float32 tensors on one device, and the sizes."""
+    """The three distance matrices (tensors on one device, any float dtype), and the sizes."""
 
     q_g: torch.Tensor  # (Q, G)
     q_q: torch.Tensor  # (Q, Q)
@@ -85,14 +85,34 @@ class _Problem:
             raise UserError("re-ranking: the distance matrices hold NaN or infinite values")
         return (rows * rows).to(torch.float32)
 
-    def normalized_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of ``D`` (step 1): ``(stop - start, Q + G)`` float32."""
+    def normalized_rows(self, start: int, stop: int, largest: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of ``D`` (step 1): ``(stop - start, Q + G)`` float32; their
+        maxima before the division are written into ``largest`` ``(stop - start,)`` if given."""
         rows = self.squared_rows(start, stop)
-        largest = rows.amax(dim=1, keepdim=True)
-        if not (largest > 0).all():
+        row_max = rows.amax(dim=1)
+        if not (row_max > 0).all():
             raise UserError("re-ranking: every distance of an image to all images is zero; "
                             "the distances cannot be normalized")
-        return rows / largest
+        if largest is not None:
+            largest.copy_(row_max)
+        return rows / row_max[:, None]
+
+    def entries(self, start: int, stop: int, cols: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+        """``D[start + b, cols[b, m]]`` of step 1 without building the rows: ``(B, M)`` float32
+        for rows ``start:stop`` (within the queries or within the gallery), ``cols`` (B, M) and
+        the row maxima ``largest`` (Q + G,) of the squares. The same floats as
+        :meth:`normalized_rows` (same square, cast and division)."""
+        q = self.queries
+        nodes = torch.arange(start, stop, device=cols.device)[:, None]
+        in_queries = cols < q
+        # D[i, j] is entry (j, i) of [[q_q, q_g], [q_g^T, g_g]]
+        j_query, j_gallery = cols.clamp(max=q - 1), (cols - q).clamp(min=0)
+        if stop <= q:
+            values = torch.where(in_queries, self.q_q[j_query, nodes], self.q_g[nodes, j_gallery])
+        else:
+            i = nodes - q
+            values = torch.where(in_queries, self.q_g[j_query, i], self.g_g[j_gallery, i])
+        return (values * values).to(torch.float32) / largest[start:stop, None]
 
     def blocks(self, block: int = ROW_BLOCK):
         """``(start, stop)`` row blocks, split at the query/gallery boundary."""
@@ -145,12 +165,16 @@ def _stable_smallest(rows: torch.Tensor, k: int) -> torch.Tensor:
     return index
 
 
-def _ranks(problem: _Problem, width: int) -> torch.Tensor:
-    """``rank[:, :width]`` of step 2 for every node: ``(Q + G, width)`` int64."""
-    ranks = torch.empty(problem.nodes, width, dtype=torch.long, device=problem.q_g.device)
+def _ranks(problem: _Problem, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rank[:, :width]`` of step 2 for every node, ``(Q + G, width)`` int64, and the maximum of
+    every row of squares (step 1's divisor), ``(Q + G,)`` float32."""
+    device = problem.q_g.device
+    ranks = torch.empty(problem.nodes, width, dtype=torch.long, device=device)
+    largest = torch.empty(problem.nodes, dtype=torch.float32, device=device)
     for start, stop in problem.blocks():
-        ranks[start:stop] = _stable_smallest(problem.normalized_rows(start, stop), width)
-    return ranks
+        rows = problem.normalized_rows(start, stop, largest[start:stop])
+        ranks[start:stop] = _stable_smallest(rows, width)
+    return ranks, largest
 
 
 def _reciprocal(ranks: torch.Tensor, nodes: torch.Tensor, k: int) -> torch.Tensor:
@@ -194,7 +218,7 @@ def _cat(parts: list[_SparseRows]) -> _SparseRows:
     return _SparseRows(*(torch.cat([getattr(p, f) for p in parts]) for f in ("row", "col", "val")))
 
 
-def _encoding(problem: _Problem, ranks: torch.Tensor, k1: int) -> _SparseRows:
+def _encoding(problem: _Problem, ranks: torch.Tensor, largest: torch.Tensor, k1: int) -> _SparseRows:
     """``V`` of steps 3-4, sparse: ``(Q + G) x (Q + G)``."""
     n, device = problem.nodes, ranks.device
     kr, kh = min(k1 + 1, n), min(round(k1 / 2) + 1, n)
@@ -218,7 +242,7 @@ def _encoding(problem: _Problem, ranks: torch.Tensor, k1: int) -> _SparseRows:
                          cand.masked_fill(~(accept[..., None] & cand_recip), n).flatten(1)], dim=1)
         col, _ = col.sort(dim=1)
         col[:, 1:].masked_fill_(col[:, 1:] == col[:, :-1], n)  # each member once
-        dist = problem.normalized_rows(start, stop).gather(1, col.clamp(max=n - 1))
+        dist = problem.entries(start, stop, col.clamp(max=n - 1), largest)
         weight = torch.exp(-dist).masked_fill(col == n, 0.0)
         parts.append(_to_sparse(start, col, weight / weight.sum(dim=1, keepdim=True), n))
     return _cat(parts)
@@ -295,11 +319,12 @@ def re_rank(q_g_dist, q_q_dist, g_g_dist, k1: int = 20, k2: int = 6, lambda_valu
     tensors = [_as_tensor(x, name) for x, name in
                ((q_g_dist, "q_g_dist"), (q_q_dist, "q_q_dist"), (g_g_dist, "g_g_dist"))]
     _check(*tensors, k1, k2, lambda_value)
-    problem = _Problem(*tensors)
+    dtype = torch.promote_types(torch.promote_types(tensors[0].dtype, tensors[1].dtype), tensors[2].dtype)
+    problem = _Problem(*(t.to(dtype) for t in tensors))  # one dtype: rows mix the three matrices
     queries, gallery = problem.q_g.shape
     with torch.no_grad():
-        ranks = _ranks(problem, min(max(k1 + 1, k2), problem.nodes))
-        v = _encoding(problem, ranks, k1)
+        ranks, largest = _ranks(problem, min(max(k1 + 1, k2), problem.nodes))
+        v = _encoding(problem, ranks, largest, k1)
         if k2 != 1:
             v = _query_expansion(problem, v, ranks, k2)
         del ranks
