@@ -32,6 +32,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("views", "benchmarks.views", "MMGL and PASS views: per-sample PIL vs batched Kornia"),
     Suite("step", "benchmarks.step", "model step alone vs full pipeline step: ViT-S PASS, ResNet-50 MMGL"),
     Suite("e2e", "benchmarks.e2e", "MMGL epoch and PASS stream, data vs model, projected to 100 epochs"),
+    Suite("rerank", "benchmarks.rerank", "k-reciprocal re-ranking at Market-1501 size: time, peak memory, vs dense numpy"),
 )}
 
 #: Synthetic SYSU-MM01 size: (identities, mean images per identity) in full and quick runs.
