@@ -20,7 +20,17 @@ import torch
 from common.cli import ArgumentParser, parse_bool, run_cli
 from common.errors import UserError
 from shards.manifest import load_manifest
-from train.evaluation.protocols import PROTOCOLS, SYSU_TRIALS, check_protocol, evaluate, format_table, merge_trials
+from train.evaluation.protocols import (
+    PROTOCOLS,
+    SYSU_TRIALS,
+    Ranking,
+    Rerank,
+    check_protocol,
+    evaluate,
+    format_table,
+    merge_trials,
+)
+from train.evaluation.ranked_pictures import DEFAULT_TOPK, RankingRecorder, write_ranked_pictures
 from train.finetune import load_for_evaluation
 
 
@@ -36,8 +46,10 @@ def build_parser() -> ArgumentParser:
         prog="python -m train.evaluate",
         description="Evaluate a fine-tuned ReID model (or an exported backbone) under the standard protocols: "
                     "Market-1501/DukeMTMC/MSMT17 (market), SYSU-MM01 all-search (sysu) and indoor-search "
-                    "(sysu-indoor), 10 random single-shot galleries as the AGW code draws them, and RegDB "
-                    "(visible->thermal and thermal->visible). Prints R1/R5/R10/R20/mAP/mINP and writes JSON.",
+                    "(sysu-indoor), 10 random single-shot galleries as the AGW code draws them (multi-shot: "
+                    "sysu-multi, sysu-indoor-multi), and RegDB (visible->thermal and thermal->visible). Prints "
+                    "R1/R5/R10/R20/mAP/mINP and writes JSON; optionally k-reciprocal re-ranking (--rerank) and "
+                    "pictures of ranked results (--visrank N).",
         epilog="Features are L2-normalized; distance = squared Euclidean (= cosine ranking). A fine-tuned "
                "checkpoint gives the recipe's test feature (BN feature for AGW, pre-BN for the ViT recipe); an "
                "exported backbone gives GeM (ResNet) or cat(CLS, mean PART) (ViT) features.",
@@ -57,6 +69,22 @@ def build_parser() -> ArgumentParser:
                         help="average features of each image and its mirror (default false)")
     parser.add_argument("--eval_batch_size", "--batch_size", dest="eval_batch_size", type=int, default=128,
                         help="images per extraction batch (default 128)")
+    parser.add_argument("--eval_rerank", "--rerank", dest="eval_rerank", type=parse_bool, nargs="?", const=True,
+                        default=False, help="k-reciprocal re-ranking (Zhong et al. 2017) of every ranking: per trial "
+                                            "gallery for SYSU-MM01, per direction for RegDB (default false)")
+    parser.add_argument("--rerank_k1", type=int, default=20, help="re-ranking k1 (default 20, the paper's)")
+    parser.add_argument("--rerank_k2", type=int, default=6, help="re-ranking k2 (default 6, the paper's)")
+    parser.add_argument("--rerank_lambda", type=float, default=0.3,
+                        help="re-ranking lambda, the weight of the original distance (default 0.3, the paper's)")
+    parser.add_argument("--visrank", type=int, default=0, metavar="N",
+                        help="draw the ranked gallery of N queries (spread over the query set) of the first trial of "
+                             "every setting as PNGs, query then top-k, green frame = true match, red = false "
+                             "(default 0: none); images are read from the shards")
+    parser.add_argument("--visrank_topk", type=int, default=DEFAULT_TOPK,
+                        help=f"gallery images per query in the pictures (default {DEFAULT_TOPK})")
+    parser.add_argument("--visrank_dir", type=Path, default=None,
+                        help="folder for the pictures: DIR/<setting>/sheet.png and one PNG per query (default: "
+                             "visrank/ beside --out, else ./visrank)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="input size for an exported backbone (default 288 144 ResNet, 256 128 ViT)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -107,15 +135,35 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"cannot write --out {out}: its folder {out.parent} is not writable")
 
 
+def _check_folder(folder: Path) -> None:
+    """Refuse a pictures folder that cannot be made or written, before any feature is extracted."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--visrank_dir {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --visrank_dir {folder}: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--visrank_dir {folder} is not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.checkpoint) > 1 and args.protocol != "regdb":
         raise UserError("several --checkpoint files are only meaningful for RegDB (one model per trial)")
     if args.eval_batch_size < 1:
         raise UserError(f"--eval_batch_size must be at least 1, got {args.eval_batch_size}")
+    if args.visrank < 0 or args.visrank_topk < 1:
+        raise UserError(f"--visrank must be >= 0 and --visrank_topk >= 1, got {args.visrank}, {args.visrank_topk}")
+    rerank = Rerank(args.rerank_k1, args.rerank_k2, args.rerank_lambda) if args.eval_rerank else None
     device = _device(args.device)
     if args.out is not None:
         _check_writable(args.out)  # before the work, not after it
+    visrank_dir = args.visrank_dir or (args.out.parent if args.out is not None else Path(".")) / "visrank"
+    if args.visrank:
+        _check_folder(visrank_dir)
+    recorder = RankingRecorder()
+    ranking = Ranking(rerank=rerank, on_ranked=recorder if args.visrank else None)
     check_protocol(load_manifest(args.shards), args.shards, args.protocol)
     started = time.perf_counter()
     runs = []
@@ -124,11 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         trials = _regdb_trials_for(loaded, args.regdb_trials) if args.protocol == "regdb" else None
         runs.append(evaluate(loaded.embed, args.shards, args.protocol, size=loaded.size, transform=loaded.transform,
                              trials=args.eval_trials, regdb_trials=trials, batch_size=args.eval_batch_size,
-                             device=loaded.device, flip=args.eval_flip, source=args.source, progress=args.progress_bar))
+                             device=loaded.device, flip=args.eval_flip, source=args.source, progress=args.progress_bar,
+                             ranking=ranking))
     results = runs[0] if len(runs) == 1 else merge_trials(runs)
     print(format_table(results))
+    if args.visrank:
+        pictures = write_ranked_pictures(recorder.rankings.values(), args.shards, visrank_dir, args.visrank,
+                                         args.visrank_topk)
+        print(f"wrote {len(pictures)} ranked-result pictures under {visrank_dir}")
     if args.out is not None:
         report = {"protocol": args.protocol, "checkpoints": [str(p) for p in args.checkpoint], "flip": args.eval_flip,
+                  "rerank": None if rerank is None else {"k1": rerank.k1, "k2": rerank.k2,
+                                                         "lambda": rerank.lambda_value},
                   "distance": "squared euclidean on L2-normalized features", "seconds": time.perf_counter() - started,
                   "results": [r.to_dict() for r in results]}
         try:

@@ -80,7 +80,16 @@ from pipelines.sources.base import seed_of
 from pipelines.views.finetune import FinetuneViews
 from shards.manifest import Manifest, load_manifest
 from train.checkpointing import CHECKPOINTS, Checkpointer, load_model_state, read_json, resolve_checkpoint
-from train.evaluation.protocols import PROTOCOLS, ProtocolResult, check_protocol, default_protocol, evaluate, format_table
+from train.evaluation.protocols import (
+    PROTOCOLS,
+    ProtocolResult,
+    Ranking,
+    Rerank,
+    check_protocol,
+    default_protocol,
+    evaluate,
+    format_table,
+)
 from train.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
 from train.runtime import (
     EXIT_STATUS_HELP,
@@ -168,13 +177,17 @@ class FinetuneConfig:
     precision: Literal["no", "bf16", "fp16"] = setting("no", "autocast dtype through accelerate")
     seed: int = setting(0, "seeds the model init, the data order and the augmentations")
     # evaluation
-    protocol: Optional[Literal["market", "sysu", "sysu-indoor", "regdb"]] = setting(
+    protocol: Optional[Literal["market", "sysu", "sysu-indoor", "sysu-multi", "sysu-indoor-multi", "regdb"]] = setting(
         None, "evaluation protocol (none: the shard layout's)")
     eval_every: int = setting(10, "epochs between evaluations (0: only at the end)")
     eval_trials: int = setting(10, "SYSU-MM01: random gallery trials")
     eval_feature: Literal["bn", "pre_bn"] = setting("bn", "test feature: after (bn) or before (pre_bn) the BNNeck")
     eval_flip: bool = setting(False, "average the features of each test image and its mirror")
     eval_batch_size: int = setting(128, "images per feature-extraction batch")
+    eval_rerank: bool = setting(False, "k-reciprocal re-ranking of the evaluation's distances (Zhong et al. 2017)")
+    rerank_k1: int = setting(20, "re-ranking k1 (the paper's 20)")
+    rerank_k2: int = setting(6, "re-ranking k2 (the paper's 6)")
+    rerank_lambda: float = setting(0.3, "re-ranking lambda, the weight of the original distance (the paper's 0.3)")
     # outputs
     output_dir: str = setting("runs/finetune", "run folder: config.json, metrics.jsonl, results.json, "
                                                "tensorboard/, checkpoints/")
@@ -183,6 +196,11 @@ class FinetuneConfig:
     log_every: int = setting(20, "steps between metric lines (also how often losses are checked)")
     tensorboard: bool = setting(True, "log to tensorboard/ as well as metrics.jsonl")
     progress_bar: bool = setting(True, "tqdm bars for training and feature extraction (process 0)")
+
+    @property
+    def rerank(self) -> Rerank | None:
+        """The evaluation's re-ranking settings (None: off)."""
+        return Rerank(self.rerank_k1, self.rerank_k2, self.rerank_lambda) if self.eval_rerank else None
 
     @property
     def batch_size(self) -> int:
@@ -211,6 +229,7 @@ class FinetuneConfig:
             raise UserError(f"--image_size {self.image_size} is too small (at least 16 x 16)")
         if backbone_entry(self.arch).family == "vit" and (self.image_size[0] % 16 or self.image_size[1] % 16):
             raise UserError(f"--image_size {self.image_size}: a ViT needs multiples of its 16-pixel patch")
+        Rerank(self.rerank_k1, self.rerank_k2, self.rerank_lambda)  # refuses bad values, used or not
         if self.warmup_epochs > self.epochs:
             raise UserError(f"--warmup_epochs {self.warmup_epochs} is longer than the run ({self.epochs} epochs)")
 
@@ -483,7 +502,8 @@ def evaluate_model(accelerator, model: nn.Module, config: FinetuneConfig, protoc
                         batch_size=config.eval_batch_size, device=accelerator.device, flip=config.eval_flip,
                         source="auto" if config.source == "cache" else config.source,
                         rank=accelerator.process_index, world=accelerator.num_processes,
-                        gather=gather_rows(accelerator), progress=config.progress_bar)
+                        gather=gather_rows(accelerator), progress=config.progress_bar,
+                        ranking=Ranking(rerank=config.rerank))
     finally:
         module.train(was_training)
 

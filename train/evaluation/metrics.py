@@ -79,6 +79,18 @@ def _keep_mask(protocol: str, match: torch.Tensor, q_cams: torch.Tensor, ranked_
     return torch.ones_like(match)
 
 
+def kept_entries(protocol: str, q_pids, q_cams, g_pids, g_cams) -> np.ndarray:
+    """The gallery entries the ranking rule ``protocol`` keeps for each query (the removals of
+    :func:`compute_metrics`): bool ``(Q, G)`` from ``(Q,)`` query and ``(G,)`` gallery labels."""
+    if protocol not in RANKING_RULES:
+        raise ValueError(f"unknown ranking protocol {protocol!r}; expected one of: {', '.join(RANKING_RULES)}")
+    cpu = torch.device("cpu")
+    qp, qc = _as_int64(q_pids, "q_pids", cpu), _as_int64(q_cams, "q_cams", cpu)
+    gp, gc = _as_int64(g_pids, "g_pids", cpu), _as_int64(g_cams, "g_cams", cpu)
+    match = gp[None, :] == qp[:, None]
+    return _keep_mask(protocol, match, qc, gc[None, :].expand_as(match)).numpy()
+
+
 def _first_identity_rank(ranked_codes: torch.Tensor, keep: torch.Tensor, rank: torch.Tensor,
                          q_codes: torch.Tensor, num_ids: int) -> torch.Tensor:
     """SYSU's first-occurrence rank: the position of the query's identity in the ranking reduced

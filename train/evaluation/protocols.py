@@ -28,9 +28,29 @@ thermal->visible, nothing removed, each averaged over the trials evaluated. Ever
 own training identities, so a model fine-tuned on trial t is evaluated on trial t only; the full
 protocol fine-tunes one model per trial and averages (pass every trial's checkpoint).
 
-To add a protocol: write its ``score(features, trials, max_rank) -> [ProtocolResult]`` (and a
-``trials(manifest, count, wanted)`` when it has trials), then add one :class:`Protocol` to
-:data:`PROTOCOLS` saying which splits it reads and which layouts it fits.
+SYSU-MM01 multi-shot (``sysu-multi``, ``sysu-indoor-multi``)
+-------------------------------------------------------------
+As single-shot, but each (identity, RGB camera) contributes 10 images: the AGW code's
+``process_gallery_sysu`` with ``gall_mode='multi'``, which calls numpy's
+``np.random.choice(files, 10, replace=False)`` on the same sorted file list, identity by identity
+and camera by camera. The AGW code draws from numpy's global generator without seeding it per
+trial (its ``random.seed(trial)`` seeds Python's generator only), so its multi-shot galleries
+depend on what ran before; here trial t draws from ``np.random.RandomState(t)`` (the state
+``np.random.seed(t)`` gives), so a trial is reproducible and equals the AGW draw after
+``np.random.seed(t)``. A camera with fewer than 10 images of an identity gives all of them (the
+AGW call would raise).
+
+Re-ranking and what was ranked
+------------------------------
+Every protocol ranks through :func:`ranking_distances`: the squared Euclidean distance of
+L2-normalized features, or with :class:`Rerank` the k-reciprocal re-ranked distance
+(:func:`~train.evaluation.rerank.re_rank` of the query-gallery, query-query and gallery-gallery
+distances of that very ranking: per trial gallery for SYSU-MM01, per direction and trial for
+RegDB). A :data:`OnRanked` callback receives each ranking (:class:`Ranked`), e.g. to draw it.
+
+To add a protocol: write its ``score(features, trials, max_rank, ranking) -> [ProtocolResult]``
+(and a ``trials(manifest, count, wanted)`` when it has trials), then add one :class:`Protocol`
+to :data:`PROTOCOLS` saying which splits it reads and which layouts it fits.
 """
 
 from __future__ import annotations
@@ -49,10 +69,13 @@ from common.errors import UserError
 from shards.manifest import Manifest, Trial, load_manifest
 from train.evaluation.features import Embedder, Gather, SplitFeatures, extract_features
 from train.evaluation.metrics import RankMetrics, compute_metrics, distance_matrix
+from train.evaluation.rerank import re_rank
 
 #: RGB gallery cameras of SYSU-MM01 per search mode; the query cameras are the IR ones (3, 6).
 SYSU_GALLERY_CAMERAS = {"sysu": (1, 2, 4, 5), "sysu-indoor": (1, 2)}
 SYSU_TRIALS = 10
+#: Images per identity and camera in a SYSU-MM01 multi-shot gallery.
+SYSU_MULTI_SHOT = 10
 REPORTED_RANKS = (1, 5, 10, 20)
 
 
@@ -91,9 +114,96 @@ def _average(setting: str, protocol: str, trials: list[int], runs: list[RankMetr
                           runs[0].queries, float(np.mean(gallery_sizes)), per_trial)
 
 
-def _rank(query: SplitFeatures, gallery: SplitFeatures, rule: str, max_rank: int) -> RankMetrics:
-    return compute_metrics(distance_matrix(query.features, gallery.features), query.pid, gallery.pid,
-                           query.camera, gallery.camera, rule, max_rank)
+@dataclass(frozen=True)
+class Rerank:
+    """k-reciprocal re-ranking of every ranking (Zhong et al. 2017; the paper's k1, k2, lambda)."""
+
+    k1: int = 20
+    k2: int = 6
+    lambda_value: float = 0.3
+
+    def __post_init__(self) -> None:  # refused before any feature is extracted
+        if self.k1 < 1 or self.k2 < 1:
+            raise UserError(f"re-ranking: --rerank_k1 and --rerank_k2 must be at least 1, got {self.k1}, {self.k2}")
+        if not 0.0 <= self.lambda_value <= 1.0:
+            raise UserError(f"re-ranking: --rerank_lambda must be in [0, 1], got {self.lambda_value}")
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One ranking a protocol computed: ``distances (Q, G)`` (after re-ranking, if any) of
+    ``query`` against ``gallery`` (features and labels; their ``index`` is the sample index in
+    ``query_split`` / ``gallery_split``) under ranking ``rule``, for ``setting`` and ``trial``."""
+
+    setting: str
+    trial: int
+    rule: str
+    query: SplitFeatures
+    gallery: SplitFeatures
+    query_split: str
+    gallery_split: str
+    distances: torch.Tensor
+
+
+#: Called with each :class:`Ranked` a protocol computes.
+OnRanked = Callable[[Ranked], None]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """How a protocol ranks: ``rerank`` (None: plain distances) and an ``on_ranked`` observer."""
+
+    rerank: Rerank | None = None
+    on_ranked: OnRanked | None = None
+
+
+def ranking_distances(query: torch.Tensor, gallery: torch.Tensor, rerank: Rerank | None = None) -> torch.Tensor:
+    """``(Q, D), (G, D)`` features -> ``(Q, G)`` distances the ranking uses: the squared Euclidean
+    distance of L2-normalized features, re-ranked with ``rerank`` (query-query and
+    gallery-gallery distances of the same features) when given."""
+    q_g = distance_matrix(query, gallery)
+    if rerank is None:
+        return q_g
+    return re_rank(q_g, distance_matrix(query, query), distance_matrix(gallery, gallery),
+                   k1=rerank.k1, k2=rerank.k2, lambda_value=rerank.lambda_value)
+
+
+def _rank(query: SplitFeatures, gallery: SplitFeatures, rule: str, max_rank: int, ranking: Ranking,
+          setting: str, trial: int, splits: tuple[str, str]) -> RankMetrics:
+    distances = ranking_distances(query.features, gallery.features, ranking.rerank)
+    if ranking.on_ranked is not None:
+        ranking.on_ranked(Ranked(setting, trial, rule, query, gallery, *splits, distances))
+    return compute_metrics(distances, query.pid, gallery.pid, query.camera, gallery.camera, rule, max_rank)
+
+
+def _sysu_files(pids: Sequence[int], cameras: Sequence[int], order: Sequence[int], mode: str,
+                ) -> list[list[int]]:
+    """Per test identity (ascending) and RGB camera of ``mode`` that saw it: the positions of its
+    images in source-path order (AGW's sorted folder listings)."""
+    if mode not in SYSU_GALLERY_CAMERAS:
+        raise ValueError(f"unknown SYSU-MM01 search mode {mode!r}; expected one of: {', '.join(SYSU_GALLERY_CAMERAS)}")
+    pids, cameras, order = (np.asarray(a, dtype=np.int64) for a in (pids, cameras, order))
+    files: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for position in np.argsort(order, kind="stable"):
+        files[int(pids[position]), int(cameras[position])].append(int(position))
+    return [files[pid, cam] for pid in sorted(set(pids.tolist())) for cam in SYSU_GALLERY_CAMERAS[mode]
+            if (pid, cam) in files]
+
+
+def sysu_multi_shot_gallery_trial(pids: Sequence[int], cameras: Sequence[int], order: Sequence[int], trial: int,
+                                  mode: str = "sysu", shots: int = SYSU_MULTI_SHOT) -> np.ndarray:
+    """Positions (into ``pids``) of trial ``trial``'s multi-shot gallery (module docstring):
+    ``shots`` images without replacement per (identity, camera), drawn by
+    ``np.random.RandomState(trial).choice`` in AGW's order; all of them when fewer. Arguments as
+    :func:`sysu_gallery_trial`. Returns int64 ``(n,)`` in draw order."""
+    rng = np.random.RandomState(trial)  # private: the global numpy state is left alone
+    chosen: list[int] = []
+    for files in _sysu_files(pids, cameras, order, mode):
+        if len(files) < shots:
+            chosen.extend(files)
+        else:
+            chosen.extend(int(f) for f in rng.choice(np.asarray(files), shots, replace=False))
+    return np.asarray(chosen, dtype=np.int64)
 
 
 def sysu_gallery_trial(pids: Sequence[int], cameras: Sequence[int], order: Sequence[int], trial: int,
@@ -105,20 +215,10 @@ def sysu_gallery_trial(pids: Sequence[int], cameras: Sequence[int], order: Seque
     ``index``); mode: ``sysu`` (all-search, cameras 1, 2, 4, 5) or ``sysu-indoor`` (1, 2).
     Returns int64 ``(n_ids_x_cameras,)`` in draw order (identity, then camera).
     """
-    if mode not in SYSU_GALLERY_CAMERAS:
-        raise ValueError(f"unknown SYSU-MM01 search mode {mode!r}; expected one of: {', '.join(SYSU_GALLERY_CAMERAS)}")
-    pids, cameras, order = (np.asarray(a, dtype=np.int64) for a in (pids, cameras, order))
-    files: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for position in np.argsort(order, kind="stable"):
-        files[int(pids[position]), int(cameras[position])].append(int(position))
     # A private generator in the state random.seed(trial) gives: the draws equal AGW's without
     # touching the global random state.
     rng = random.Random(trial)
-    chosen = [rng.choice(files[pid, cam])
-              for pid in sorted(set(pids.tolist()))
-              for cam in SYSU_GALLERY_CAMERAS[mode]
-              if (pid, cam) in files]
-    return np.asarray(chosen, dtype=np.int64)
+    return np.asarray([rng.choice(files) for files in _sysu_files(pids, cameras, order, mode)], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,31 +226,38 @@ def sysu_gallery_trial(pids: Sequence[int], cameras: Sequence[int], order: Seque
 # --------------------------------------------------------------------------------------------
 
 
-def market_results(features: dict[str, SplitFeatures], trials: Sequence[int], max_rank: int = 20) -> list[ProtocolResult]:
+def market_results(features: dict[str, SplitFeatures], trials: Sequence[int], max_rank: int = 20,
+                   ranking: Ranking = Ranking()) -> list[ProtocolResult]:
     """Query split against gallery split under the market rule (one trial, numbered 0)."""
     query, gallery = features["query"], features["gallery"]
-    return [_average("market", "market", [0], [_rank(query, gallery, "market", max_rank)], [len(gallery)])]
+    run = _rank(query, gallery, "market", max_rank, ranking, "market", 0, ("query", "gallery"))
+    return [_average("market", "market", [0], [run], [len(gallery)])]
 
 
-def sysu_results(features: dict[str, SplitFeatures], trials: Sequence[int], max_rank: int = 20, *,
-                 mode: str = "sysu") -> list[ProtocolResult]:
-    """SYSU-MM01 ``mode`` (all- or indoor-search): every IR query against each trial's drawn
-    single-shot RGB gallery (:func:`sysu_gallery_trial`), averaged over ``trials``."""
+def sysu_results(features: dict[str, SplitFeatures], trials: Sequence[int], max_rank: int = 20,
+                 ranking: Ranking = Ranking(), *, mode: str = "sysu", multi_shot: bool = False) -> list[ProtocolResult]:
+    """SYSU-MM01 ``mode`` (all- or indoor-search): every IR query against each trial's drawn RGB
+    gallery (:func:`sysu_gallery_trial`, or :func:`sysu_multi_shot_gallery_trial` with
+    ``multi_shot``), averaged over ``trials``."""
     query, gallery = features["query"], features["gallery"]
+    draw = sysu_multi_shot_gallery_trial if multi_shot else sysu_gallery_trial
+    setting = ("sysu all-search" if mode == "sysu" else "sysu indoor-search") + (" multi-shot" if multi_shot else "")
     runs, sizes = [], []
     for trial in trials:
-        picked = gallery.subset(sysu_gallery_trial(gallery.pid, gallery.camera, gallery.index, trial, mode))
-        runs.append(_rank(query, picked, "sysu", max_rank))
+        picked = gallery.subset(draw(gallery.pid, gallery.camera, gallery.index, trial, mode))
+        runs.append(_rank(query, picked, "sysu", max_rank, ranking, setting, trial, ("query", "gallery")))
         sizes.append(len(picked))
-    setting = "sysu all-search" if mode == "sysu" else "sysu indoor-search"
-    return [_average(setting, mode, list(trials), runs, sizes)]
+    name = mode + ("-multi" if multi_shot else "")
+    return [_average(setting, name, list(trials), runs, sizes)]
 
 
-def _regdb_scores(features: dict[str, SplitFeatures], trials: Sequence[Trial], max_rank: int = 20) -> list[ProtocolResult]:
-    return regdb_results(features["all"], list(trials), max_rank)
+def _regdb_scores(features: dict[str, SplitFeatures], trials: Sequence[Trial], max_rank: int = 20,
+                  ranking: Ranking = Ranking()) -> list[ProtocolResult]:
+    return regdb_results(features["all"], list(trials), max_rank, ranking)
 
 
-def regdb_results(everything: SplitFeatures, trials: list, max_rank: int = 20) -> list[ProtocolResult]:
+def regdb_results(everything: SplitFeatures, trials: list, max_rank: int = 20,
+                  ranking: Ranking = Ranking()) -> list[ProtocolResult]:
     """RegDB visible->thermal and thermal->visible over ``trials`` (manifest ``Trial`` records),
     from the features of the whole ``all`` split."""
     directions = {"regdb visible->thermal": (0, 1), "regdb thermal->visible": (1, 0)}
@@ -164,7 +271,7 @@ def regdb_results(everything: SplitFeatures, trials: list, max_rank: int = 20) -
             if not len(query) or not len(gallery):
                 raise UserError(f"RegDB trial {trial.trial}: no {'visible' if q_mod == 0 else 'thermal'} query or "
                                 "gallery image of its test identities in the shards")
-            runs.append(_rank(query, gallery, "regdb", max_rank))
+            runs.append(_rank(query, gallery, "regdb", max_rank, ranking, setting, trial.trial, ("all", "all")))
             sizes.append(len(gallery))
         results.append(_average(setting, "regdb", [t.trial for t in trials], runs, sizes))
     return results
@@ -212,7 +319,8 @@ class Protocol:
     layouts: the shard layouts (``manifest.layout``) it fits; the first protocol listing a
         layout is that layout's default.
     trials: ``(manifest, count, wanted) -> trial list`` (gallery draws, manifest trials, or one).
-    score: ``(features by split, trials, max_rank) -> [ProtocolResult]``.
+    score: ``(features by split, trials, max_rank, ranking) -> [ProtocolResult]`` (``ranking``:
+        a :class:`Ranking`).
     trained_per_trial: every trial has its own training identities (RegDB): a model is
         fine-tuned on one trial's identities (the manifest ``Trial.train_ids``, split ``all``)
         and evaluated on that trial only.
@@ -222,7 +330,7 @@ class Protocol:
     ranking: str
     layouts: tuple[str, ...]
     trials: Callable[[Manifest, int, Iterable[int] | None], list]
-    score: Callable[[dict[str, SplitFeatures], Sequence, int], list[ProtocolResult]]
+    score: Callable[[dict[str, SplitFeatures], Sequence, int, Ranking], list[ProtocolResult]]
     description: str
     trained_per_trial: bool = False
 
@@ -238,6 +346,12 @@ PROTOCOLS: dict[str, Protocol] = {
     "sysu-indoor": Protocol(("query", "gallery"), "sysu", ("sysu-mm01",), gallery_draws,
                             functools.partial(sysu_results, mode="sysu-indoor"),
                             "SYSU-MM01 indoor-search: RGB cameras 1, 2"),
+    "sysu-multi": Protocol(("query", "gallery"), "sysu", ("sysu-mm01",), gallery_draws,
+                           functools.partial(sysu_results, mode="sysu", multi_shot=True),
+                           "SYSU-MM01 all-search, multi-shot: 10 random images per identity and RGB camera"),
+    "sysu-indoor-multi": Protocol(("query", "gallery"), "sysu", ("sysu-mm01",), gallery_draws,
+                                  functools.partial(sysu_results, mode="sysu-indoor", multi_shot=True),
+                                  "SYSU-MM01 indoor-search, multi-shot: 10 random images per identity and camera 1, 2"),
     "regdb": Protocol(("all",), "regdb", ("regdb",), manifest_trials, _regdb_scores,
                       "RegDB: visible->thermal and thermal->visible on a trial's test identities",
                       trained_per_trial=True),
@@ -283,7 +397,7 @@ def evaluate(embed: Embedder, shards: str | Path, protocol: str, *, size: tuple[
              regdb_trials: Iterable[int] | None = None, batch_size: int = 128,
              device: str | torch.device | None = None, flip: bool = False, source: str = "auto",
              max_rank: int = 20, rank: int = 0, world: int = 1, gather: Gather | None = None,
-             progress: bool = True) -> list[ProtocolResult]:
+             progress: bool = True, ranking: Ranking = Ranking()) -> list[ProtocolResult]:
     """Extract features with ``embed`` and evaluate the shards under ``protocol``.
 
     protocol: a :data:`PROTOCOLS` name (``market`` | ``sysu`` | ``sysu-indoor`` | ``regdb``).
@@ -293,6 +407,7 @@ def evaluate(embed: Embedder, shards: str | Path, protocol: str, *, size: tuple[
         this; see :func:`~train.evaluation.features.extract_features`); process 0 alone ranks,
         the others return ``[]``.
     progress: feature-extraction bars.
+    ranking: re-ranking and an observer of every ranking (:class:`Ranking`).
     Returns one :class:`ProtocolResult` per setting (RegDB: visible->thermal, thermal->visible).
     The caller puts the model in eval mode.
     """
@@ -305,7 +420,7 @@ def evaluate(embed: Embedder, shards: str | Path, protocol: str, *, size: tuple[
     features = {split: extract_features(embed, shards, split, **extract) for split in chosen.splits}
     if rank != 0:
         return []  # their part of the features is given; ranking is cheap next to extraction
-    return chosen.score(features, picked_trials, max_rank)
+    return chosen.score(features, picked_trials, max_rank, ranking)
 
 
 def merge_trials(results: list[list[ProtocolResult]]) -> list[ProtocolResult]:
