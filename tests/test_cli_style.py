@@ -19,6 +19,7 @@ from shards.synthetic import build_parser as synthetic_parser
 from train.demo import build_parser as demo_parser
 from train.evaluate import build_parser as evaluate_parser
 from train.export import build_parser as export_parser
+from train.features import build_parser as features_parser
 from train.finetune import FinetuneConfig
 from train.finetune import build_parser as finetune_parser
 from train.pretrain import build_parser as pretrain_parser
@@ -27,7 +28,7 @@ from train.settings import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 PARSERS = {"shards": shards_parser, "synthetic": synthetic_parser, "pretrain": pretrain_parser,
            "finetune": finetune_parser, "evaluate": evaluate_parser, "export": export_parser,
-           "demo": demo_parser, "bench": bench_parser}
+           "demo": demo_parser, "bench": bench_parser, "features": features_parser}
 
 
 def option_strings(parser: argparse.ArgumentParser) -> list[str]:
@@ -84,7 +85,7 @@ def test_the_same_setting_has_the_same_name_in_every_tool():
 def test_every_tool_has_a_console_script():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"reid-shards", "reid-pretrain", "reid-finetune", "reid-evaluate", "reid-export",
-                            "reid-demo", "reid-bench"}
+                            "reid-features", "reid-demo", "reid-bench"}
     for target in scripts.values():
         module, _, function = target.partition(":")
         assert callable(getattr(importlib.import_module(module), function)), target

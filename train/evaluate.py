@@ -107,7 +107,7 @@ def _regdb_trials_for(loaded, requested: list[int] | None) -> list[int] | None:
     return [loaded.regdb_trial]
 
 
-def _device(text: str | None) -> torch.device | None:
+def parse_device(text: str | None) -> torch.device | None:
     """``--device`` checked: a device name torch knows, CUDA only where it is available."""
     if text is None:
         return None
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.visrank < 0 or args.visrank_topk < 1:
         raise UserError(f"--visrank must be >= 0 and --visrank_topk >= 1, got {args.visrank}, {args.visrank_topk}")
     rerank = Rerank(args.rerank_k1, args.rerank_k2, args.rerank_lambda) if args.eval_rerank else None
-    device = _device(args.device)
+    device = parse_device(args.device)
     if args.out is not None:
         _check_writable(args.out)  # before the work, not after it
     visrank_dir = args.visrank_dir or (args.out.parent if args.out is not None else Path(".")) / "visrank"
