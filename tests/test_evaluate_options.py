@@ -237,3 +237,30 @@ def test_cli_bad_visrank_is_one_line_error(sysu_run, tmp_path, capsys):
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err
     assert "--visrank_dir" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Fine-tuning's periodic evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def test_finetune_evaluation_reranks_with_its_settings(monkeypatch):
+    from types import SimpleNamespace
+
+    from models.registry import create_backbone
+    from models.reid import ReIDModel
+    from train import finetune
+
+    config = finetune.resolve_config("agw-tiny", ["--eval_rerank", "true", "--rerank_k1", "5", "--rerank_lambda", "0.5"],
+                                     shards="unused")
+    assert config.rerank == Rerank(5, 6, 0.5)
+    assert finetune.resolve_config("agw-tiny", [], shards="unused").rerank is None  # off by default
+    seen = {}
+    monkeypatch.setattr(finetune, "evaluate", lambda *args, **kwargs: seen.update(kwargs) or [])
+    accelerator = SimpleNamespace(unwrap_model=lambda m: m, device=torch.device("cpu"), process_index=0,
+                                  num_processes=1)
+    model = ReIDModel(create_backbone("resnet_tiny", (64, 32)), 3)
+    finetune.evaluate_model(accelerator, model, config, "sysu")
+    assert seen["ranking"] == Ranking(rerank=Rerank(5, 6, 0.5))
+    with pytest.raises(UserError, match="rerank_k1"):
+        finetune.resolve_config("agw-tiny", ["--rerank_k1", "0"], shards="unused").validate()
