@@ -1,4 +1,4 @@
-"""Command line of the shard builder: ``python -m shards {build,verify,inspect}`` (also
+"""Command line of the shard builder: ``python -m shards {build,verify,inspect,fetch}`` (also
 installed as ``reid-shards``)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from common.errors import UserError
 from shards.inspection import contact_sheet, random_samples, summary_table
 from shards.layouts import LAYOUTS
 from shards.manifest import load_manifest
+from shards.remote import fetch, is_remote, verify_remote
 from shards.verify import verify
 
 DESCRIPTION = """\
@@ -40,7 +41,7 @@ layouts (--root is the dataset folder, or the list file for 'manifest'):
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m shards", description=DESCRIPTION)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{build,verify,inspect}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{build,verify,inspect,fetch}")
 
     b = commands.add_parser("build", help="pack a dataset folder into shards",
                             description=DESCRIPTION, epilog=LAYOUT_HELP,
@@ -59,7 +60,20 @@ def build_parser() -> ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
     v = commands.add_parser("verify", help="check every shard against the manifest (exit 1 naming bad shards)")
-    v.add_argument("folder", type=Path, help="a shard folder (holding manifest.json)")
+    v.add_argument("folder", help="a shard folder (holding manifest.json), or an http(s)://, s3://, gs:// or pipe: "
+                                  "location of one: every tar is streamed once (webdataset's curl / pipe streams, "
+                                  "fsspec for s3:// and gs://) and checked, nothing is written")
+
+    f = commands.add_parser("fetch", help="copy a remote shard folder to local disk and verify it",
+                            description="Copy the shard folder at URL (http(s)://, s3://, gs://, or pipe:COMMAND with "
+                                        "{} for the file name) into DIR: each tar streamed once with its size and "
+                                        "sha256 checked against the manifest, then the copy verified as `verify` "
+                                        "does; manifest.json is written last. DALI reads local files only: fetch "
+                                        "first, or give the URL to --shards (it stages into a cache folder, "
+                                        "$REID_SHARDS_CACHE). A re-run fetches what is missing.")
+    f.add_argument("url", help="remote shard folder (holding manifest.json and the tars)")
+    f.add_argument("folder", type=Path, help="local folder to fetch into (created; empty or a partial fetch)")
+    f.add_argument("--quiet", action="store_true", help="no progress line")
 
     i = commands.add_parser("inspect", help="counts per split and modality; optional contact sheet")
     i.add_argument("folder", type=Path, help="a shard folder (holding manifest.json)")
@@ -84,8 +98,13 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    manifest = load_manifest(args.folder)
-    problems = verify(args.folder)
+    if is_remote(args.folder):
+        problems = verify_remote(args.folder)
+        manifest = None
+    else:
+        args.folder = Path(args.folder)
+        manifest = load_manifest(args.folder)
+        problems = verify(args.folder)
     for problem in problems:
         print(f"BAD {problem.file}: {problem.reason}")
     if problems:
@@ -93,6 +112,9 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"{bad} bad shard(s) in {args.folder}: rebuild with `python -m shards build ...` "
               "(a re-run with --overwrite replaces them)", file=sys.stderr)
         return 1
+    if manifest is None:
+        print(f"OK: every shard at {args.folder} matches its manifest")
+        return 0
     samples = sum(s.samples for s in manifest.shards)
     print(f"OK: {len(manifest.shards)} shards, {samples} samples in {args.folder} match the manifest")
     return 0
@@ -111,9 +133,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch(args: argparse.Namespace) -> int:
+    if not is_remote(args.url):
+        raise UserError(f"{args.url} is not a remote location (http://, https://, s3://, gs:// or pipe:)")
+    manifest = fetch(args.url, args.folder, progress=not args.quiet)
+    samples = sum(s.samples for s in manifest.shards)
+    print(f"OK: {len(manifest.shards)} shards, {samples} samples fetched into {args.folder} and verified")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"build": _build, "verify": _verify, "inspect": _inspect}[args.command](args)
+    return {"build": _build, "verify": _verify, "inspect": _inspect, "fetch": _fetch}[args.command](args)
 
 
 def entry_point() -> None:

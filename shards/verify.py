@@ -12,6 +12,7 @@ import hashlib
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from common.modality import MODALITY_CODE
 from shards.format import (
@@ -69,31 +70,30 @@ def _sample_problem(key: str, members: dict[str, bytes], split: str) -> str | No
     return None
 
 
-def _read_tar(path: Path, split: str) -> tuple[list[list[IndexEntry]], _HashingReader, str | None]:
+def _read_tar(raw: BinaryIO, split: str) -> tuple[list[list[IndexEntry]], _HashingReader, str | None]:
     """Stream through a tar: the index it implies, the hashing reader, and the first problem."""
     samples: list[list[IndexEntry]] = []
-    with open(path, "rb") as raw:
-        reader = _HashingReader(raw)
-        problem = None
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                key, members = None, {}
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    member_key, ext = split_member_name(info.name)
-                    if member_key != key:
-                        if key is not None:
-                            problem = problem or _sample_problem(key, members, split)
-                        key, members = member_key, {}
-                        samples.append([])
-                    members[ext] = tar.extractfile(info).read()
-                    samples[-1].append(IndexEntry(ext, info.offset_data, info.size, info.name))
-                if key is not None:
-                    problem = problem or _sample_problem(key, members, split)
-            reader.read()  # hash the end-of-archive padding too
-        except (tarfile.TarError, EOFError, OSError) as err:
-            problem = f"unreadable tar ({err}): truncated or corrupt"
+    reader = _HashingReader(raw)
+    problem = None
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            key, members = None, {}
+            for info in tar:
+                if not info.isfile():
+                    continue
+                member_key, ext = split_member_name(info.name)
+                if member_key != key:
+                    if key is not None:
+                        problem = problem or _sample_problem(key, members, split)
+                    key, members = member_key, {}
+                    samples.append([])
+                members[ext] = tar.extractfile(info).read()
+                samples[-1].append(IndexEntry(ext, info.offset_data, info.size, info.name))
+            if key is not None:
+                problem = problem or _sample_problem(key, members, split)
+        reader.read()  # hash the end-of-archive padding too
+    except (tarfile.TarError, EOFError, OSError) as err:
+        problem = f"unreadable tar ({err}): truncated or corrupt"
     return samples, reader, problem
 
 
@@ -105,18 +105,27 @@ def verify_shard(folder: Path, shard: ShardInfo) -> str | None:
     size = path.stat().st_size
     if size != shard.bytes:
         return f"{size} bytes, the manifest says {shard.bytes}: truncated or changed"
-    samples, reader, problem = _read_tar(path, shard.split)
+    index = folder / shard.index
+    with open(path, "rb") as raw:
+        return check_tar_stream(raw, shard, index.read_text() if index.is_file() else None)
+
+
+def check_tar_stream(raw: BinaryIO, shard: ShardInfo, index_text: str | None) -> str | None:
+    """The first thing wrong with the tar read from ``raw`` (local or remote, read once) against
+    ``shard``'s manifest record and its index text (None: the index is missing), or None."""
+    samples, reader, problem = _read_tar(raw, shard.split)
     if problem:
         return problem
+    if reader.size != shard.bytes:
+        return f"{reader.size} bytes, the manifest says {shard.bytes}: truncated or changed"
     if reader.sha.hexdigest() != shard.sha256:
         return "sha256 differs from the manifest: the file was changed"
     if len(samples) != shard.samples:
         return f"{len(samples)} samples, the manifest says {shard.samples}"
-    index = folder / shard.index
-    if not index.is_file():
+    if index_text is None:
         return f"its index {shard.index} is missing"
     try:
-        if parse_index(index.read_text()) != samples:
+        if parse_index(index_text) != samples:
             return f"its index {shard.index} does not match the tar's members"
     except ValueError as err:
         return f"its index {shard.index} is malformed: {err}"

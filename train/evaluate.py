@@ -20,6 +20,7 @@ import torch
 from common.cli import ArgumentParser, parse_bool, run_cli
 from common.errors import UserError
 from shards.manifest import load_manifest
+from shards.remote import local_shards
 from train.evaluation.protocols import (
     PROTOCOLS,
     SYSU_TRIALS,
@@ -58,7 +59,10 @@ def build_parser() -> ArgumentParser:
                         help="a train.finetune run folder (its latest checkpoint) or checkpoint folder "
                              "(RUN/checkpoints/step_*), or an exported backbone file (reid-export); for RegDB "
                              "one fine-tuned run per trial may be given")
-    parser.add_argument("--shards", required=True, type=Path, help="shard folder built by `python -m shards build`")
+    parser.add_argument("--shards", required=True,
+                        help="shard folder built by `python -m shards build`, or an http(s)://, s3://, gs:// or pipe: "
+                             "location of one (staged and verified on local disk first, then read like a local "
+                             "folder; see `shards fetch`)")
     parser.add_argument("--protocol", required=True, choices=list(PROTOCOLS), help="evaluation protocol")
     parser.add_argument("--eval_trials", "--trials", dest="eval_trials", type=int, default=SYSU_TRIALS,
                         help="SYSU-MM01: gallery trials 0..N-1 (default 10)")
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_folder(visrank_dir)
     recorder = RankingRecorder()
     ranking = Ranking(rerank=rerank, on_ranked=recorder if args.visrank else None)
+    args.shards = Path(local_shards(args.shards))
     check_protocol(load_manifest(args.shards), args.shards, args.protocol)
     started = time.perf_counter()
     runs = []

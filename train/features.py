@@ -25,6 +25,7 @@ from common.cli import ArgumentParser, parse_bool, run_cli
 from common.errors import UserError
 from shards.layouts import LAYOUTS
 from shards.manifest import load_manifest
+from shards.remote import local_shards
 from train.evaluate import parse_device
 from train.evaluation.write_features import FORMATS, check_output, write_folder_features, write_split_features
 from train.finetune import LoadedModel, load_for_evaluation
@@ -41,7 +42,8 @@ def build_parser() -> ArgumentParser:
                         help="a train.finetune run or checkpoint folder, or an exported backbone file (reid-export)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", type=Path, help="a folder of images")
-    source.add_argument("--shards", type=Path, help="a shard folder built by `python -m shards build`")
+    source.add_argument("--shards", help="a shard folder built by `python -m shards build`, or an http(s)://, s3://, "
+                                         "gs:// or pipe: location of one (staged and verified on local disk first)")
     parser.add_argument("--layout", default="folder", choices=list(LAYOUTS),
                         help="how --images is read (default folder: every image, unlabeled; a dataset layout such "
                              "as market1501 or sysu-mm01 also gives pids, cameras and modalities)")
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--images {args.images} is not a folder")
     device = parse_device(args.device)
     if args.shards is not None:
+        args.shards = Path(local_shards(args.shards))
         manifest = load_manifest(args.shards)
         if not manifest.shards_of(args.split):
             raise UserError(f"{args.shards} has no split {args.split!r} (it has: {', '.join(sorted(manifest.splits))})")

@@ -79,6 +79,7 @@ from pipelines.sources import make_source
 from pipelines.sources.base import seed_of
 from pipelines.views.finetune import FinetuneViews
 from shards.manifest import Manifest, load_manifest
+from shards.remote import local_shards
 from train.checkpointing import CHECKPOINTS, Checkpointer, load_model_state, read_json, resolve_checkpoint
 from train.evaluation.protocols import (
     PROTOCOLS,
@@ -535,6 +536,8 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
     """
     started = time.perf_counter()
     config.validate()
+    # a remote location (http(s)://, s3://, gs://, pipe:) is staged and verified on local disk
+    config = dataclasses.replace(config, shards=str(local_shards(config.shards)))
     manifest = load_manifest(config.shards)
     out = Path(config.output_dir)
     checkpoint = check_run_dir(out, resume, latest_may_be_missing=True)
@@ -725,7 +728,9 @@ def build_parser() -> ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # --shards and --init are checked after --help, which needs neither
-    parser.add_argument("--shards", metavar="DIR", help="shard folder built by `python -m shards build` (required)")
+    parser.add_argument("--shards", metavar="DIR", help="shard folder built by `python -m shards build` (required), or an "
+                                                        "http(s)://, s3://, gs:// or pipe: location of one: staged "
+                                                        "on local disk (verified) first, then read like a local folder")
     parser.add_argument("--init", metavar="PATH", help="an exported backbone (.pt / .safetensors), or `random` (required)")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help=f"recipe (default: the --config file's, else {DEFAULT_PRESET})")

@@ -49,6 +49,7 @@ from common.errors import UserError
 from pipelines.batch import Batch
 from pipelines.sources import Source, make_source
 from pipelines.sources.base import seed_of
+from shards.remote import local_shards
 from train.checkpointing import CHECKPOINTS, Checkpointer, read_json
 from train.config import (
     config_differences,
@@ -303,6 +304,8 @@ def train(config: RunConfig, resume: Optional[str] = None) -> None:
     """Run (or continue) the pre-training described by ``config``."""
     cfg = config.train
     cfg.validate()
+    # a remote location (http(s)://, s3://, gs://, pipe:) is staged and verified on local disk
+    cfg.shards = str(local_shards(cfg.shards))
     accelerator = make_accelerator(cfg.output_dir, cfg.precision, compile=cfg.compile)
     checkpoint = check_run_dir(cfg.output_dir, resume)
     warn_changed_settings(config, checkpoint, accelerator)

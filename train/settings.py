@@ -49,7 +49,8 @@ class TrainConfig:
     """What every pre-training method shares; defaults are PASS's ViT-S settings (DESIGN.md 5)."""
 
     # data
-    shards: str = setting("", "shard folder built by ``python -m shards build``")
+    shards: str = setting("", "shard folder built by ``python -m shards build``, or an http(s)://, s3://, gs:// or "
+                              "pipe: location of one (staged and verified on local disk first)")
     split: str = setting("train", "which split of the shards to train on")
     source: Literal["auto", "dali", "wds", "cache"] = setting("auto", "see pipelines.sources.make_source")
     num_workers: Optional[int] = setting(None, "webdataset workers / DALI threads (default: all cores)")
