@@ -100,6 +100,7 @@ from train.runtime import (
     check_run_dir,
     gather_rows,
     make_accelerator,
+    trackers_of,
     non_finite_exit,
 )
 from train.schedules import cosine_schedule
@@ -195,7 +196,9 @@ class FinetuneConfig:
     checkpoint_every_epochs: int = setting(1, "epochs between checkpoints (0: only at the end)")
     keep_last: int = setting(2, "complete checkpoints kept; older ones are deleted")
     log_every: int = setting(20, "steps between metric lines (also how often losses are checked)")
-    tensorboard: bool = setting(True, "log to tensorboard/ as well as metrics.jsonl")
+    tensorboard: bool = setting(True, "false: no tracker, whatever log_with says (metrics.jsonl only)")
+    log_with: str = setting("tensorboard", "experiment trackers (accelerate's): tensorboard (in output_dir/tensorboard), "
+                                           "wandb, mlflow, several comma-separated, or none")
     progress_bar: bool = setting(True, "tqdm bars for training and feature extraction (process 0)")
 
     @property
@@ -541,7 +544,8 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
     manifest = load_manifest(config.shards)
     out = Path(config.output_dir)
     checkpoint = check_run_dir(out, resume, latest_may_be_missing=True)
-    accelerator = make_accelerator(out, config.precision, tensorboard=config.tensorboard)
+    trackers = trackers_of(config.log_with) if config.tensorboard else []
+    accelerator = make_accelerator(out, config.precision, trackers=trackers)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     data = training_data(config, manifest, rank, world)
     set_seed(config.seed)
@@ -569,9 +573,9 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(config_document(config))
-    if config.tensorboard:
+    if trackers:
         accelerator.init_trackers("finetune")
-    log = MetricsLogger(accelerator, out, start, config.tensorboard)
+    log = MetricsLogger(accelerator, out, start, bool(trackers))
     losses = LossCheck(accelerator, LOSS_NAMES)
     views = FinetuneViews(tuple(config.image_size), pad=config.pad, flip_p=config.flip_p, erase_p=config.erase_p,
                           normalization=config.normalization)

@@ -69,6 +69,7 @@ from train.runtime import (
     NonFiniteLoss,
     check_run_dir,
     make_accelerator,
+    trackers_of,
     non_finite_exit,
 )
 from train.schedules import cosine_schedule, scaled_learning_rate, step_schedule
@@ -304,9 +305,10 @@ def train(config: RunConfig, resume: Optional[str] = None) -> None:
     """Run (or continue) the pre-training described by ``config``."""
     cfg = config.train
     cfg.validate()
+    trackers = trackers_of(cfg.log_with)
     # a remote location (http(s)://, s3://, gs://, pipe:) is staged and verified on local disk
     cfg.shards = str(local_shards(cfg.shards))
-    accelerator = make_accelerator(cfg.output_dir, cfg.precision, compile=cfg.compile)
+    accelerator = make_accelerator(cfg.output_dir, cfg.precision, trackers=trackers, compile=cfg.compile)
     checkpoint = check_run_dir(cfg.output_dir, resume)
     warn_changed_settings(config, checkpoint, accelerator)
     set_seed(cfg.seed)  # the same initial weights in every process

@@ -1,8 +1,9 @@
 """What both training loops (:mod:`train.pretrain`, :mod:`train.finetune`) run on: the
 accelerator, the run folder, the non-finite loss check and the metrics log.
 
-- :func:`make_accelerator` / :func:`new_accelerator`: mixed precision, TensorBoard, torch.compile
-  through accelerate; one accelerator state per run, so runs can follow each other in a process.
+- :func:`make_accelerator` / :func:`new_accelerator`: mixed precision, experiment trackers
+  (:func:`trackers_of`: TensorBoard by default, Weights & Biases, MLflow), torch.compile through
+  accelerate; one accelerator state per run, so runs can follow each other in a process.
 - :func:`check_run_dir`: never start over an existing run by mistake; the checkpoint to resume.
 - :class:`LossCheck`: per-step losses kept on the device, checked every logging step in one
   reduction across processes and one copy to the host; a non-finite loss raises
@@ -14,6 +15,7 @@ accelerator, the run folder, the non-finite loss check and the metrics log.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -38,6 +40,27 @@ EXIT_STATUS_HELP = "exit status: 0 done, 2 bad settings or data, 3 non-finite lo
 
 
 # --- accelerator -------------------------------------------------------------------------------
+#: ``--log_with`` trackers (accelerate's names) and the package each needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def trackers_of(log_with: str) -> list[str]:
+    """``--log_with`` (``tensorboard``, ``wandb``, ``mlflow``, several comma-separated, or ``none``)
+    checked: an unknown name or a tracker whose package is not installed is a :class:`UserError`."""
+    names = [n.strip().lower() for n in log_with.split(",") if n.strip()]
+    if names == ["none"] or not names:
+        return []
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise UserError(f"unknown --log_with {', '.join(unknown)}; expected {', '.join(TRACKERS)} (comma-separated) "
+                        "or none")
+    for name in names:
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise UserError(f"--log_with {name} needs the {TRACKERS[name]} package: pip install "
+                            f"'reid-pretrain[{name}]' (or --log_with tensorboard)")
+    return names
+
+
 def new_accelerator(**settings: Any) -> Accelerator:
     """An ``Accelerator`` for a new run in this process.
 
@@ -50,11 +73,13 @@ def new_accelerator(**settings: Any) -> Accelerator:
     return Accelerator(**settings)
 
 
-def make_accelerator(output_dir: str | Path, precision: str, *, tensorboard: bool = True,
+def make_accelerator(output_dir: str | Path, precision: str, *, trackers: Sequence[str] = ("tensorboard",),
                      compile: bool = False) -> Accelerator:
     """The accelerator of a run writing to ``output_dir``: ``precision`` (``no`` / ``bf16`` /
-    ``fp16``) autocast, TensorBoard in ``output_dir/tensorboard``, optionally torch.compile
-    (inductor). Refuses a launch whose process count accelerate does not see."""
+    ``fp16``) autocast, ``trackers`` (:func:`trackers_of`; TensorBoard writes to
+    ``output_dir/tensorboard``, W&B and MLflow go where their own settings say, e.g.
+    ``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI``), optionally torch.compile (inductor). Refuses a
+    launch whose process count accelerate does not see."""
     out = Path(output_dir)
     try:
         accelerator = new_accelerator(
@@ -63,7 +88,7 @@ def make_accelerator(output_dir: str | Path, precision: str, *, tensorboard: boo
             cpu=not torch.cuda.is_available(),
             mixed_precision=precision,
             project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
-            log_with="tensorboard" if tensorboard else None,
+            log_with=list(trackers) or None,
             dynamo_plugin=TorchDynamoPlugin(backend="inductor") if compile else None,
         )
     except ValueError as err:  # e.g. fp16 without a GPU
@@ -149,15 +174,15 @@ class LossCheck:
 # --- metrics log -------------------------------------------------------------------------------
 class MetricsLogger:
     """One JSON object per line in ``run_dir/metrics.jsonl`` (process 0) and the numbers of the
-    same record as TensorBoard scalars (tagged ``kind/name`` when the record has a ``kind``).
+    same record as tracker scalars (``trackers``; tagged ``kind/name`` when the record has a ``kind``).
 
     A run resumed from step ``start`` first drops the lines a killed run logged after it, so the
     file reads as one uninterrupted run."""
 
-    def __init__(self, accelerator: Accelerator, run_dir: str | Path, start: int = 0, tensorboard: bool = True) -> None:
+    def __init__(self, accelerator: Accelerator, run_dir: str | Path, start: int = 0, trackers: bool = True) -> None:
         self.accelerator = accelerator
         self.path = Path(run_dir) / METRICS_FILE
-        self.tensorboard = tensorboard
+        self.trackers = trackers
         if accelerator.is_main_process:
             self._truncate_after(start)
 
@@ -171,7 +196,7 @@ class MetricsLogger:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        if self.tensorboard:
+        if self.trackers:
             prefix = f"{record['kind']}/" if "kind" in record else ""
             scalars = {f"{prefix}{k}": v for k, v in record.items()
                        if isinstance(v, (int, float)) and k not in ("step", "epoch")}

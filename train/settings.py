@@ -89,6 +89,8 @@ class TrainConfig:
     keep_last: int = setting(3, "complete checkpoints kept; older ones are deleted")
     log_every: int = setting(20, "steps between metric lines (also how often losses are checked)")
     progress_bar: bool = setting(True, "tqdm bar with loss and images/s (process 0)")
+    log_with: str = setting("tensorboard", "experiment trackers (accelerate's): tensorboard (in output_dir/tensorboard), "
+                                           "wandb, mlflow, several comma-separated, or none")
 
     def validate(self) -> None:
         """Refuse impossible values with a :class:`UserError` before anything is built."""
