@@ -655,7 +655,9 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
 @dataclass
 class LoadedModel:
     """What :mod:`train.evaluate` needs: ``embed(views, modality) -> (B, D)``, the input size and
-    eval transform, the device, and the RegDB trial a fine-tuned model was trained on."""
+    eval transform, the device, and the RegDB trial a fine-tuned model was trained on; and for an
+    export of the test-time network (ONNX): the model, its test feature (``bn`` / ``pre_bn``) and
+    input normalization."""
 
     path: Path
     embed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -665,6 +667,9 @@ class LoadedModel:
     regdb_trial: Optional[int] = None
     description: str = ""
     extra: dict = field(default_factory=dict)
+    model: Optional[nn.Module] = None
+    feature: str = "bn"
+    normalization: str = "imagenet"
 
 
 def _finetune_checkpoint(path: Path) -> Optional[Path]:
@@ -713,7 +718,7 @@ def load_for_evaluation(path: str | Path, device: str | torch.device | None = No
     model.to(device).eval()
     views = FinetuneViews(image_size, normalization=normalization)
     return LoadedModel(path, lambda v, m: model.embed(v, m, which), image_size, views.eval_views, device,
-                       regdb_trial, description)
+                       regdb_trial, description, model=model, feature=which, normalization=normalization)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""``reid-export --format onnx``: the graph of an exported backbone and of a fine-tuned run, run by
+onnxruntime, gives the evaluation's features of the same images; the two-stream ResNet is refused
+in one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+ort = pytest.importorskip("onnxruntime")
+
+from common.cli import run_cli  # noqa: E402
+from models.registry import create_backbone  # noqa: E402
+from train.export import main  # noqa: E402
+from train.finetune import load_for_evaluation  # noqa: E402
+
+SIZE = (64, 32)
+
+
+def onnx_features(path, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["features"], {"images": images})[0]
+
+
+def evaluation_features(checkpoint, images: np.ndarray, modality: int = 0) -> np.ndarray:
+    loaded = load_for_evaluation(checkpoint, device="cpu", size=SIZE)
+    with torch.no_grad():
+        views = loaded.transform(torch.from_numpy(images))
+        return loaded.embed(views, torch.full((len(images),), modality)).numpy()
+
+
+def test_backbone_export_matches_the_evaluation(tmp_path):
+    torch.manual_seed(0)
+    torch.save(create_backbone("resnet_tiny", SIZE).state_dict(), tmp_path / "backbone.pth")
+    out = tmp_path / "reid.onnx"
+    assert main([str(tmp_path / "backbone.pth"), "--format", "onnx", "--out", str(out), "--size", *map(str, SIZE)]) == 0
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, *SIZE), dtype=np.uint8)  # batch 3: dynamic
+    np.testing.assert_allclose(onnx_features(out, images), evaluation_features(tmp_path / "backbone.pth", images),
+                               rtol=1e-4, atol=1e-4)
+    assert main([str(tmp_path / "backbone.pth"), "--format", "onnx", "--out", str(out), "--size", *map(str, SIZE),
+                 "--l2_normalize"]) == 0
+    np.testing.assert_allclose(np.linalg.norm(onnx_features(out, images), axis=1), 1.0, atol=1e-5)
+
+
+def test_two_stream_is_refused_in_one_line(tmp_path, capsys):
+    torch.save(create_backbone("resnet_tiny_two_stream", SIZE).state_dict(), tmp_path / "two.pth")
+    assert run_cli(main, [str(tmp_path / "two.pth"), "--format", "onnx", "--out", str(tmp_path / "x.onnx"),
+                          "--size", *map(str, SIZE)]) == 2
+    err = capsys.readouterr().err
+    assert "two-stream" in err and len(err.strip().splitlines()) == 1
