@@ -49,3 +49,23 @@ def test_two_stream_is_refused_in_one_line(tmp_path, capsys):
                           "--size", *map(str, SIZE)]) == 2
     err = capsys.readouterr().err
     assert "two-stream" in err and len(err.strip().splitlines()) == 1
+
+
+def test_finetuned_run_export_matches_the_evaluation(tmp_path):
+    from shards.build import build
+    from shards.synthetic import generate
+    from train.finetune import resolve_config, run_finetune
+
+    generate("market1501", tmp_path / "data", ids=10, images_per_id=6, workers=1)
+    build("market1501", tmp_path / "data", tmp_path / "shards", shard_size=64, workers=1)
+    config = resolve_config("transreid-tiny", ["--progress_bar", "false", "--tensorboard", "false", "--epochs", "1",
+                                               "--steps_per_epoch", "1", "--warmup_epochs", "0", "--output_dir",
+                                               str(tmp_path / "run")], shards=str(tmp_path / "shards"))
+    run_finetune(config)
+    out = tmp_path / "vit.onnx"
+    assert main([str(tmp_path / "run"), "--format", "onnx", "--out", str(out)]) == 0
+    loaded = load_for_evaluation(tmp_path / "run", device="cpu")
+    images = np.random.default_rng(1).integers(0, 256, (2, 3, *loaded.size), dtype=np.uint8)
+    with torch.no_grad():
+        expected = loaded.embed(loaded.transform(torch.from_numpy(images)), torch.zeros(2, dtype=torch.long)).numpy()
+    np.testing.assert_allclose(onnx_features(out, images), expected, rtol=1e-4, atol=1e-4)
