@@ -154,23 +154,65 @@ def markdown(doc: dict, level: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: A chart's axis is logarithmic when its largest bar is this many times its smallest.
+LOG_AXIS_RATIO = 100
+TITLE_CHARS, NAME_CHARS = 95, 48  # wrap widths: nothing is cut at the figure's edge
+
+
+def spread(doc: dict, row: dict) -> tuple[float, float] | None:
+    """Min and max of a row's primary figure over its timed repeats, when the figure is items per
+    second (``items / seconds`` of each repeat) and there were at least two repeats."""
+    seconds = [s for s in row.get("seconds_all", []) if s > 0]
+    if not doc["primary"].endswith("_per_s") or len(seconds) < 2 or not row.get("items"):
+        return None
+    rates = [row["items"] / s for s in seconds]
+    return min(rates), max(rates)
+
+
+def log_axis(values: list[float]) -> bool:
+    """Whether bars of ``values`` are drawn on a log axis: all positive, spanning :data:`LOG_AXIS_RATIO`."""
+    return bool(values) and min(values) > 0 and max(values) >= LOG_AXIS_RATIO * min(values)
+
+
 def chart(doc: dict, path: Path) -> None:
-    """A horizontal bar chart of the primary figure of every row."""
+    """A horizontal bar chart of the primary figure (the median) of every row, a line from the
+    slowest to the fastest repeat on each bar, on a log axis when the bars span
+    :data:`LOG_AXIS_RATIO` or more; title and row names wrapped to fit the figure."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["name"] for r in doc["rows"]][::-1]
-    values = [r[doc["primary"]] for r in doc["rows"]][::-1]
+    rows = doc["rows"][::-1]
+    names = [textwrap.fill(r["name"], NAME_CHARS) for r in rows]
+    values = [r[doc["primary"]] for r in rows]
+    spreads = [spread(doc, r) for r in rows]
     label = dict(doc["columns"]).get(doc["primary"], doc["primary"])
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.4))
-    bars = ax.barh(names, values, color="#4c72b0")
-    ax.bar_label(bars, labels=[_number(v) for v in values], padding=3, fontsize=8)
-    ax.set_xlabel(label)
-    ax.set_title(f"{doc['suite']}: {doc['title']}\n{doc['machine']['name']}, median of "
-                 f"{doc['settings'].get('repeats')} after {doc['settings'].get('warmup')} warm-up", fontsize=9)
-    ax.margins(x=0.15)
+    lines = sum(name.count("\n") + 1 for name in names)
+    fig, ax = plt.subplots(figsize=(10, 0.32 * lines + 0.25 * len(rows) + 2.0))
+    low = [v - s[0] if s else 0 for v, s in zip(values, spreads)]
+    high = [s[1] - v if s else 0 for v, s in zip(values, spreads)]
+    bars = ax.barh(names, values, color="#4c72b0", xerr=[low, high] if any(spreads) else None,
+                   error_kw={"ecolor": "#222222", "capsize": 3, "elinewidth": 1})
+    logarithmic = log_axis(values)
+    if logarithmic:
+        ax.set_xscale("log")
+    # the median's figure right of the bar or of its spread line, whichever ends later
+    ends = [max(v, s[1]) if s else v for v, s in zip(values, spreads)]
+    for bar, value, end in zip(bars, values, ends):
+        x = end * 1.12 if logarithmic else end + 0.01 * max(ends)
+        ax.text(x, bar.get_y() + bar.get_height() / 2, _number(value), va="center", fontsize=8)
+    ax.set_xlabel(label + (" (log scale)" if logarithmic else ""))
+    ax.tick_params(axis="y", labelsize=8)
+    repeats = doc["settings"].get("repeats")
+    what = f"median of {repeats} after {doc['settings'].get('warmup')} warm-up"
+    if any(spreads):
+        what += "; line: slowest to fastest repeat"
+    title = textwrap.fill(f"{doc['suite']}: {doc['title']}", TITLE_CHARS)
+    fig.suptitle(f"{title}\n{doc['machine']['name']}, {what}", fontsize=9)
+    ax.margins(x=0.2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
