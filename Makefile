@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c "import hashlib,sys;print(hashlib.sha1(open('pyproject.toml','rb').read()).hexdigest()[:12])")
 DEMO := demo
 
-.PHONY: demo test env
+.PHONY: demo test env gpu-check
 
 env: $(STAMP)
 
@@ -25,3 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The one-call GPU check (benchmarks/gpu_check.py, README "GPU check"): on a GPU machine with
+# PyTorch, the carried DALI parts (.gpu-deps/) and wheels (.whl/); no virtual environment (the
+# machine's python3 and its CUDA build of torch). GPU_CHECK_ARGS passes options, e.g.
+# make gpu-check GPU_CHECK_ARGS="--archive $$OUT/gpu-check.tar.gz".
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)

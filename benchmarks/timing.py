@@ -2,7 +2,9 @@
 medians of repeats after warm-up.
 
 A *case* is a callable that does a fixed amount of work and returns how many items (images)
-it processed. :func:`side_by_side` runs the cases of a comparison round-robin -- warm-up
+it processed. A case may carry a ``prepare`` attribute: a callable run before each run's clock
+starts (work that belongs to setting up, not to the measured path, e.g. building a DALI
+pipeline for the epoch the run reads). :func:`side_by_side` runs the cases of a comparison round-robin -- warm-up
 rounds first, then ``repeats`` timed rounds, each round running every case once -- so that
 load from other processes on a shared machine falls on all cases alike instead of on
 whichever happened to run during a busy minute. Each figure is the median over the timed rounds.
@@ -107,7 +109,11 @@ def time_once(case: Case, device: str | torch.device = "cpu") -> tuple[float, fl
 
 
 def time_run(case: Case, device: str | torch.device = "cpu") -> tuple[float, float, int, float, int]:
-    """``(wall seconds, CPU seconds, items, system CPU seconds, minor page faults)`` of one run."""
+    """``(wall seconds, CPU seconds, items, system CPU seconds, minor page faults)`` of one run
+    (``case.prepare()`` first, untimed, when the case has one)."""
+    prepare = getattr(case, "prepare", None)
+    if prepare is not None:
+        prepare()
     synchronize(device)
     (cpu0, sys0, faults0), t0 = usage(), time.perf_counter()
     items = case()
