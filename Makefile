@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch on a machine without CUDA; set TORCH= to keep an installed build.
 TORCH ?= torch==2.13.0
+# The DALI build (pyproject extras): dali (CUDA 12, and the CPU path) or dali-cuda13 (torch for CUDA 13).
+DALI ?= dali
 STAMP := $(VENV)/.installed-$(shell $(PYTHON) -c "import hashlib,sys;print(hashlib.sha1(open('pyproject.toml','rb').read()).hexdigest()[:12])")
 DEMO := demo
 
@@ -15,7 +17,7 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(if $(TORCH),$(PY) -m pip install --disable-pip-version-check -q "$(TORCH)")
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,$(DALI)]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The main job (python -m train.demo): a re-run reuses or resumes every finished stage in

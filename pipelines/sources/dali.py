@@ -149,7 +149,8 @@ class DaliSource(Source):
         num_threads: int | None = None,
     ):
         if not dali_available():
-            raise UserError("the DALI source needs nvidia-dali (pip install nvidia-dali-cuda120); use --source wds")
+            raise UserError("the DALI source needs nvidia-dali (pip install -e '.[dali]', or '.[dali-cuda13]' "
+                            "with torch for CUDA 13); use --source wds")
         super().__init__(batch_size=batch_size, seed=seed, rank=rank, world=world, drop_last=drop_last, device=device)
         if split.damaged:
             raise UserError(
