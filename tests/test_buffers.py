@@ -9,7 +9,7 @@ import torch
 
 from pipelines.sources import make_source
 from pipelines.sources.buffers import HostBuffers
-from tests.test_sources import H, W, shards  # noqa: F401  (the session fixture)
+from test_sources import H, W, shards  # noqa: F401  (the session fixture)
 
 
 def test_a_buffer_comes_back_only_when_nothing_uses_it():

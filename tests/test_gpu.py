@@ -20,13 +20,17 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from benchmarks.dino_memory import plain_terms
 from models.resnet import resnet_tiny_test
+from pipelines.sources import make_source
 from pipelines.views import MMGLViews, PASSViews
 from pipelines.views.finetune import FinetuneViews
-from tests.test_compile import STEPS, random_batch
+from shards.build import build
 from train.losses.dino import ViewCrossEntropy
 from train.methods.base import Progress
 from train.methods.mmgl import MMGL, mmgl_sysu, mmgl_tiny
 from train.methods.pass_method import PASS, pass_tiny, pass_vits_lup
+
+from test_compile import STEPS, random_batch
+from test_sources import H, W, make_sysu_tree
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = torch.device("cuda")
@@ -149,10 +153,6 @@ def test_dino_terms_on_cuda_match_float64_and_need_less_memory_than_the_plain_fo
 
 
 def test_webdataset_joins_into_page_locked_memory(tmp_path):
-    from pipelines.sources import make_source
-    from tests.test_sources import H, W, make_sysu_tree
-    from shards.build import build
-
     build("sysu-mm01", make_sysu_tree(tmp_path / "raw"), tmp_path / "shards", shard_size=40, workers=1)
     source = make_source(tmp_path / "shards", "train", source="wds", device="cuda", batch_size=16, size=(H, W),
                          num_workers=0, rank=0, world=1)
