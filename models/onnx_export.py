@@ -21,8 +21,10 @@ running it, an ONNX runtime such as onnxruntime.
 
 A network here is any ``nn.Module`` mapping normalized float ``(B, 3, H, W)`` to ``(B, D)``;
 :class:`EmbeddingOf` adapts a model with the fine-tuning model's ``embed(images, modality, which)``
-(a one-stream ResNet or a ViT; a two-stream ResNet routes images by modality with a
-data-dependent ``nonzero``, which this exporter does not take).
+for images of one modality. A two-stream ResNet routes a mixed batch with a stable sort, which
+ONNX lacks; for one modality the graph holds that modality's stem alone
+(:meth:`~models.resnet.TwoStreamResNet.global_feature_of`), the same numbers: one graph per
+modality (RGB gallery, IR queries).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import nn
 from pipelines.views.common import NORMALIZATIONS
 from common.errors import UserError
 from common.modality import MODALITY_CODE
+from models.resnet import TwoStreamResNet
 
 OPSET = 18
 INPUT_KINDS = ("uint8", "float")
@@ -51,9 +54,13 @@ class EmbeddingOf(nn.Module):
         super().__init__()
         if modality not in MODALITY_CODE:
             raise UserError(f"modality must be one of {sorted(MODALITY_CODE)}, got {modality!r}")
-        self.model, self.which, self.code = model, which, MODALITY_CODE[modality]
+        self.model, self.which, self.modality, self.code = model, which, modality, MODALITY_CODE[modality]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.model.backbone, TwoStreamResNet):
+            # every row is of one modality: its stem directly (the routing's sort has no ONNX op)
+            features = self.model.backbone.global_feature_of(images, self.modality)
+            return self.model.bottleneck(features) if self.which == "bn" else features
         modality = torch.full(images.shape[:1], self.code, dtype=torch.long, device=images.device)
         return self.model.embed(images, modality, self.which)
 

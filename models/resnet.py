@@ -267,6 +267,12 @@ class TwoStreamResNet(_ResNetBase):
         ``(B,)`` -> ``(B, num_features)``."""
         return gem(self(images, modality))
 
+    def global_feature_of(self, images: torch.Tensor, modality: str) -> torch.Tensor:
+        """:meth:`global_feature` of a batch that is all of ``modality`` (``rgb`` / ``ir``): that
+        stem on every row, no routing (nothing data-dependent: what an ONNX graph of one modality
+        needs; ONNX has no stable sort)."""
+        return gem(self.forward_layers(self.stems[modality](images)))
+
 
 def resnet50(last_stride: int = 1, zero_init_residual: bool = False, non_local: bool = False) -> ResNet:
     """One-stream ResNet-50 without fc: 23,508,032 parameters (without non-local blocks)."""

@@ -1,6 +1,6 @@
 """``reid-export --format onnx``: the graph of an exported backbone and of a fine-tuned run, run by
-onnxruntime, gives the evaluation's features of the same images; the two-stream ResNet is refused
-in one line."""
+onnxruntime, gives the evaluation's features of the same images; a two-stream ResNet gives one
+graph per modality, each equal to the routed network on images of that modality."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 ort = pytest.importorskip("onnxruntime")
 
-from common.cli import run_cli  # noqa: E402
 from models.registry import create_backbone  # noqa: E402
 from train.export import main  # noqa: E402
 from train.finetune import load_for_evaluation  # noqa: E402
@@ -43,12 +42,17 @@ def test_backbone_export_matches_the_evaluation(tmp_path):
     np.testing.assert_allclose(np.linalg.norm(onnx_features(out, images), axis=1), 1.0, atol=1e-5)
 
 
-def test_two_stream_is_refused_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("modality, code", [("rgb", 0), ("ir", 1)])
+def test_two_stream_exports_one_graph_per_modality(tmp_path, modality, code):
+    torch.manual_seed(0)
     torch.save(create_backbone("resnet_tiny_two_stream", SIZE).state_dict(), tmp_path / "two.pth")
-    assert run_cli(main, [str(tmp_path / "two.pth"), "--format", "onnx", "--out", str(tmp_path / "x.onnx"),
-                          "--size", *map(str, SIZE)]) == 2
-    err = capsys.readouterr().err
-    assert "two-stream" in err and len(err.strip().splitlines()) == 1
+    out = tmp_path / f"{modality}.onnx"
+    assert main([str(tmp_path / "two.pth"), "--format", "onnx", "--out", str(out), "--size", *map(str, SIZE),
+                 "--modality", modality]) == 0
+    images = np.random.default_rng(2).integers(0, 256, (3, 3, *SIZE), dtype=np.uint8)
+    # the evaluation routes each image through its modality's stem (argsort routing)
+    np.testing.assert_allclose(onnx_features(out, images), evaluation_features(tmp_path / "two.pth", images, code),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_finetuned_run_export_matches_the_evaluation(tmp_path):

@@ -31,7 +31,6 @@ from common.errors import UserError
 from models.export import FORMATS, export_payload, write_export
 from models.onnx_export import INPUT_KINDS, EmbeddingOf, export_onnx
 from models.registry import BackboneSpec
-from models.resnet import TwoStreamResNet
 from train.checkpointing import load_model_state, read_json, resolve_checkpoint
 from train.config import load_config
 from train.finetune import load_for_evaluation
@@ -89,9 +88,6 @@ def export_test_network(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     its test feature, for images of ``modality``."""
     # a pre-training checkpoint is refused there: export its backbone first, then that file
     loaded = load_for_evaluation(Path(checkpoint), device="cpu", size=size)
-    if isinstance(loaded.model.backbone, TwoStreamResNet):
-        raise UserError("the two-stream ResNet routes images to its RGB / IR stem with a data-dependent nonzero, "
-                        "which the ONNX exporter does not take: not exportable yet")
     return export_onnx(EmbeddingOf(loaded.model, loaded.feature, modality), out, image_size=loaded.size,
                        input_kind=input_kind, normalization=loaded.normalization, l2_normalize=l2_normalize)
 
@@ -117,7 +113,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="--format onnx, an exported backbone: input size (default: the network's)")
     parser.add_argument("--modality", default="rgb", choices=("rgb", "ir"),
-                        help="--format onnx: the images' modality, for networks that use it (default rgb)")
+                        help="--format onnx: the images' modality; a two-stream network's graph holds that "
+                             "modality's stem (one graph per modality; default rgb)")
     return parser
 
 
