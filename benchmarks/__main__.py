@@ -33,7 +33,7 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--repeats", type=int, default=None, help="timed rounds, median reported (default 3; quick 1)")
     run.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help=f"results folder (default {DEFAULT_RESULTS}); "
                      "a folder elsewhere leaves the project README alone")
-    run.add_argument("--peak-tflops", type=float, default=None,
+    run.add_argument("--peak_tflops", type=float, default=None,
                      help="the peak MFU is stated against, TFLOP/s (default: the GPU's datasheet dense bf16 peak, "
                           "989.4 for an H200; a measured bf16 matmul rate, ~790 there, gives a higher MFU)")
     rep = sub.add_parser("report", help="rebuild tables, charts and README from the results JSON")

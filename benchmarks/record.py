@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -183,8 +184,6 @@ def chart(doc: dict, path: Path) -> None:
     """A horizontal bar chart of the primary figure (the median) of every row, a line from the
     slowest to the fastest repeat on each bar, on a log axis when the bars span
     :data:`LOG_AXIS_RATIO` or more; title and row names wrapped to fit the figure."""
-    import textwrap
-
     import matplotlib
 
     matplotlib.use("Agg")

@@ -66,7 +66,7 @@ def open_remote(url: str) -> Iterator[BinaryIO]:
     """A binary stream of one remote file (module doc); a failure is a one-line :class:`UserError`."""
     if url.startswith(("s3://", "gs://")):
         try:
-            import fsspec
+            import fsspec  # lazy import: optional (the remote extra), needed for s3:// and gs:// only
 
             with fsspec.open(url, "rb") as stream:
                 yield stream
@@ -78,7 +78,7 @@ def open_remote(url: str) -> Iterator[BinaryIO]:
                             "(or give a pipe: location)") from None
         except (OSError, ValueError) as err:
             raise UserError(f"cannot read {url}: {err}") from None
-    from webdataset.gopen import gopen  # curl and pipe: streams, as webdataset reads tars
+    from webdataset.gopen import gopen  # lazy import: webdataset is heavy; curl and pipe: streams as it reads tars
 
     try:
         stream = gopen(url, "rb")

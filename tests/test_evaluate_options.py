@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,13 @@ from PIL import Image
 
 from common.cli import run_cli
 from common.errors import UserError
+from models.registry import create_backbone
+from models.reid import ReIDModel
+from shards.build import build
+from shards.synthetic import generate
+from train import finetune
 from train.evaluate import main
+from train.evaluation import protocols
 from train.evaluation.features import SplitFeatures
 from train.evaluation.metrics import compute_metrics, distance_matrix
 from train.evaluation.protocols import (
@@ -170,10 +177,6 @@ def test_multi_shot_gallery_matches_the_agw_procedure(tmp_path, mode, agw_mode):
 
 @pytest.fixture(scope="module")
 def sysu_run(tmp_path_factory):
-    from models.registry import create_backbone
-    from shards.build import build
-    from shards.synthetic import generate
-
     base = tmp_path_factory.mktemp("sysu")
     generate("sysu-mm01", base / "data", ids=6, images_per_id=12, workers=1)
     build("sysu-mm01", base / "data", base / "shards", shard_size=64, workers=1)
@@ -190,8 +193,6 @@ def _evaluate(base: Path, out: Path, *extra: str) -> dict:
 
 
 def test_cli_rerank_and_ranked_pictures(sysu_run, tmp_path, monkeypatch):
-    from train.evaluation import protocols
-
     calls = []
 
     def counted(q_g, q_q, g_g, **settings):
@@ -245,12 +246,6 @@ def test_cli_bad_visrank_is_one_line_error(sysu_run, tmp_path, capsys):
 
 
 def test_finetune_evaluation_reranks_with_its_settings(monkeypatch):
-    from types import SimpleNamespace
-
-    from models.registry import create_backbone
-    from models.reid import ReIDModel
-    from train import finetune
-
     config = finetune.resolve_config("agw-tiny", ["--eval_rerank", "true", "--rerank_k1", "5", "--rerank_lambda", "0.5"],
                                      shards="unused")
     assert config.rerank == Rerank(5, 6, 0.5)

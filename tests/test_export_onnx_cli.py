@@ -11,8 +11,10 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 
 from models.registry import create_backbone  # noqa: E402
+from shards.build import build  # noqa: E402
+from shards.synthetic import generate  # noqa: E402
 from train.export import main  # noqa: E402
-from train.finetune import load_for_evaluation  # noqa: E402
+from train.finetune import load_for_evaluation, resolve_config, run_finetune  # noqa: E402
 
 SIZE = (64, 32)
 
@@ -56,10 +58,6 @@ def test_two_stream_exports_one_graph_per_modality(tmp_path, modality, code):
 
 
 def test_finetuned_run_export_matches_the_evaluation(tmp_path):
-    from shards.build import build
-    from shards.synthetic import generate
-    from train.finetune import resolve_config, run_finetune
-
     generate("market1501", tmp_path / "data", ids=10, images_per_id=6, workers=1)
     build("market1501", tmp_path / "data", tmp_path / "shards", shard_size=64, workers=1)
     config = resolve_config("transreid-tiny", ["--progress_bar", "false", "--tensorboard", "false", "--epochs", "1",

@@ -14,6 +14,8 @@ from safetensors.numpy import load_file
 from common.cli import run_cli
 from models.registry import create_backbone
 from models.reid import ReIDModel
+from shards.build import build
+from shards.synthetic import generate
 from train.features import main
 
 SIZE = (64, 32)
@@ -66,9 +68,6 @@ def test_folder_of_images(tmp_path, backbone_file, capsys):
 
 
 def test_shard_split_as_safetensors(tmp_path, backbone_file):
-    from shards.build import build
-    from shards.synthetic import generate
-
     generate("market1501", tmp_path / "data", ids=4, images_per_id=4, workers=1)
     build("market1501", tmp_path / "data", tmp_path / "shards", shard_size=16, workers=1)
     argv = ["--checkpoint", str(backbone_file), "--shards", str(tmp_path / "shards"), "--split", "query",

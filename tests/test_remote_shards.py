@@ -16,9 +16,13 @@ import pytest
 import torch
 
 from common.cli import run_cli
+from models.registry import create_backbone
+from shards.build import build
 from shards.cli import main as shards_main
 from shards.manifest import load_manifest
 from shards.remote import cache_folder, local_shards
+from shards.synthetic import generate
+from train.evaluate import main as evaluate_main
 
 
 class _Quiet(SimpleHTTPRequestHandler):
@@ -28,9 +32,6 @@ class _Quiet(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    from shards.build import build
-    from shards.synthetic import generate
-
     base = tmp_path_factory.mktemp("remote")
     generate("market1501", base / "data", ids=4, images_per_id=4, workers=1)
     build("market1501", base / "data", base / "shards", shard_size=8, workers=1)
@@ -97,9 +98,6 @@ def test_pipe_location(built, tmp_path):
 
 
 def test_evaluation_reads_a_url(built, server, tmp_path, monkeypatch):
-    from models.registry import create_backbone
-    from train.evaluate import main as evaluate_main
-
     root, url = server
     shutil.copytree(built, root / "market")
     monkeypatch.setenv("REID_SHARDS_CACHE", str(tmp_path / "cache"))
