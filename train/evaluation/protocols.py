@@ -436,12 +436,12 @@ def merge_trials(results: list[list[ProtocolResult]]) -> list[ProtocolResult]:
 
 def format_table(results: list[ProtocolResult]) -> str:
     """A fixed-width table: setting, R1, R5, R10, R20, mAP, mINP (percent), protocol, trials."""
-    head = f"{'setting':<24} {'R1':>6} {'R5':>6} {'R10':>6} {'R20':>6} {'mAP':>6} {'mINP':>6}  {'protocol':<12} trials"
+    head = f"{'setting':<30} {'R1':>6} {'R5':>6} {'R10':>6} {'R20':>6} {'mAP':>6} {'mINP':>6}  {'protocol':<18} trials"
     lines = [head, "-" * len(head)]
     for r in results:
         s = r.summary()
         numbers = " ".join(f"{100 * s[k]:6.2f}" for k in ("R1", "R5", "R10", "R20", "mAP", "mINP"))
-        lines.append(f"{r.setting:<24} {numbers}  {r.protocol:<12} {len(r.trials)}")
+        lines.append(f"{r.setting:<30} {numbers}  {r.protocol:<18} {len(r.trials)}")
     return "\n".join(lines)
 
 
