@@ -89,7 +89,7 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"BAD {problem.file}: {problem.reason}")
     if problems:
         bad = len({p.file for p in problems})
-        print(f"{bad} bad shard(s) in {args.folder}: rebuild with `python -m shards build ...` "
+        print(f"{bad} bad file(s) in {args.folder}: rebuild with `python -m shards build ...` "
               "(a re-run with --overwrite replaces them)", file=sys.stderr)
         return 1
     samples = sum(s.samples for s in manifest.shards)

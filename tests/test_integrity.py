@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from shards.errors import UserError
 from shards.format import parse_index
 from shards.jpeg import jpeg_structure_problem
 from shards.manifest import load_manifest
+from shards.verify import verify
 from tests.tiny_datasets import jpeg_bytes, sysu
 
 
@@ -138,3 +140,38 @@ def test_jpeg_walk_names_damaged_headers(where):
 
 def test_jpeg_walk_names_truncation():
     assert "truncated" in jpeg_structure_problem(jpeg_bytes(3)[:-10])
+
+
+# -- verify: the manifest against itself and against its samples --------------------------------
+
+def edit_manifest(folder: Path, edit) -> None:
+    path = folder / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_verify_names_a_swapped_pid_to_label(shards):
+    def swap(data):
+        first, second = list(data["pid_to_label"])[:2]
+        data["pid_to_label"][first], data["pid_to_label"][second] = data["pid_to_label"][second], data["pid_to_label"][first]
+    edit_manifest(shards, swap)
+    problems = verify(shards)
+    assert [p.file for p in problems] == ["manifest.json"] and "pid_to_label" in problems[0].reason
+
+
+def test_a_label_outside_0_to_p_is_refused_before_training(shards):
+    edit_manifest(shards, lambda data: data["pid_to_label"].update({next(iter(data["pid_to_label"])): 99}))
+    assert any("labels 0.." in p.reason for p in verify(shards))
+    with pytest.raises(UserError, match="manifest .* is inconsistent: pid_to_label"):
+        open_split(shards, "train")
+
+
+def test_verify_names_edited_counts(shards):
+    edit_manifest(shards, lambda data: data["splits"]["query"]["total"].update(images=999))
+    problems = verify(shards)
+    assert [p.file for p in problems] == ["manifest.json"] and "'query'" in problems[0].reason
+
+
+def test_verify_of_intact_shards_is_clean(shards):
+    assert verify(shards) == []

@@ -46,7 +46,7 @@ from pipelines.batch import Batch
 from pipelines.integrity import check_shards
 from shards.errors import DataWarning, UserError
 from shards.format import IMAGE_EXT, INDEX_VERSION, LABEL_EXT, parse_index
-from shards.manifest import Manifest, load_manifest
+from shards.manifest import Manifest, label_problems, load_manifest
 
 VERIFY_HINT = "run `python -m shards verify {folder}` to see which shards are damaged, then rebuild them"
 #: Path prefix of this package's files: warnings are attributed to the first caller outside it.
@@ -132,6 +132,9 @@ def open_split(folder: str | os.PathLike, split: str, *, tolerate_damaged: bool 
         have = sorted({s.split for s in manifest.shards})
         raise UserError(f"{folder} has no shards for split {split!r}; it has: {', '.join(have) or 'none'}")
     hint = VERIFY_HINT.format(folder=folder)
+    inconsistent = label_problems(manifest)
+    if inconsistent:
+        raise UserError(f"the manifest of {folder} is inconsistent: {inconsistent[0]}; {hint}")
     missing = [s.file for s in listed if not (folder / s.file).is_file()]
     missing += [s.index for s in listed if not (folder / s.index).is_file()]
     if missing:
