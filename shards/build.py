@@ -99,7 +99,12 @@ def build(
     layout_scan = scan(layout, root)
     records = _unique_sorted(layout_scan)
     if not records:
-        raise UserError(f"found no images in {root} for the {layout} layout")
+        why = ""
+        if layout_scan.rejected:
+            first = layout_scan.rejected[0]
+            why = (f": all {len(layout_scan.rejected)} listed or found input(s) were rejected, "
+                   f"the first, {first.source}, as {first.reason}")
+        raise UserError(f"found no usable images in {root} for the {layout} layout{why}")
     fingerprint = _fingerprint(layout, seed, shard_size, layout_scan.base, records)
 
     try:

@@ -11,6 +11,7 @@ every reader decodes every shard alike.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def _needs_conversion(image: Image.Image) -> bool:
 
 def check_image(path: Path) -> ImageCheck:
     """Decide whether ``path`` can be stored, and how, by decoding it (cheaply for copied JPEGs)."""
+    if path.is_symlink() and not path.exists():
+        return ImageCheck(f"broken symbolic link: its target {os.readlink(path)} does not exist")
     try:
         data = path.read_bytes()
     except OSError as err:

@@ -47,7 +47,7 @@ def require_modalities(checked: SplitShards, sampler: str) -> None:
         raise UserError(
             f"the {sampler} sampler puts RGB and infrared images in every batch, but split {checked.split!r} of "
             f"{checked.folder} has no {' and no '.join(names[m] for m in missing)} image; use a multi-modal "
-            "dataset such as SYSU-MM01 or RegDB"
+            "dataset such as SYSU-MM01 (split train), or RegDB (its shards hold one split: --split all)"
         )
 
 

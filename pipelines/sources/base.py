@@ -130,7 +130,8 @@ def open_split(folder: str | os.PathLike, split: str, *, tolerate_damaged: bool 
     listed = manifest.shards_of(split)
     if not listed:
         have = sorted({s.split for s in manifest.shards})
-        raise UserError(f"{folder} has no shards for split {split!r}; it has: {', '.join(have) or 'none'}")
+        hint = " (RegDB shards keep every image in split 'all': pass --split all)" if have == ["all"] else ""
+        raise UserError(f"{folder} has no shards for split {split!r}; it has: {', '.join(have) or 'none'}{hint}")
     hint = VERIFY_HINT.format(folder=folder)
     inconsistent = label_problems(manifest)
     if inconsistent:

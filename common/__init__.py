@@ -1,0 +1,1 @@
+"""Neutral helpers shared by every package (shards, pipelines, models, train, benchmarks)."""
