@@ -18,6 +18,8 @@ from pathlib import Path
 from benchmarks.record import DEFAULT_RESULTS, PROJECT_README, report, save
 from benchmarks.registry import SUITES, RunContext
 from benchmarks.timing import load_average
+from common.outputs import output_folder, writing_failed
+from shards.errors import run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +51,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
     if warmup < 0 or repeats < 1:
         print("--warmup must be >= 0 and --repeats >= 1", file=sys.stderr)
         return 2
+    output_folder(args.results, "--results")  # before any suite runs: no result is computed and lost
     with tempfile.TemporaryDirectory(prefix="reid-bench-") as tmp:
         ctx = RunContext(device=args.device, quick=args.quick, warmup=warmup, repeats=repeats, workdir=Path(tmp))
         for name in names:
@@ -56,7 +59,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
             before = load_average()
             result = SUITES[name].run(ctx)
             result.settings.update(load_average_before=before, load_average_after=load_average())
-            path = save(result, args.results, command=command, device=args.device)
+            try:
+                path = save(result, args.results, command=command, device=args.device)
+            except OSError as err:
+                raise writing_failed(err, f"the results of suite {name}", "earlier suites' results are saved") from None
             ctx.say(f"saved {path} (+ .md, .png)")
     print(report(args.results, list(SUITES), readme=_project_readme(args.results)))
     return 0
@@ -77,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

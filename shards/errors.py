@@ -12,6 +12,8 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from common.interrupts import ignore_signals, signal_of, stop_on_signals
+
 
 class UserError(Exception):
     """An error caused by the user's input; its message says what was expected and where."""
@@ -33,20 +35,28 @@ def _one_line_data_warnings(original: Callable[..., str]) -> Callable[..., str]:
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main(argv)``, turning :class:`UserError` and Ctrl-C into a one-line message.
+    """Run ``main(argv)``, turning :class:`UserError`, Ctrl-C and SIGTERM into a one-line message.
 
     Returns the process exit status: ``main``'s own (0 when it returns None), 2 for a user error,
-    130 after Ctrl-C. While ``main`` runs, a :class:`DataWarning` prints as one line.
+    130 after Ctrl-C, 143 after SIGTERM (:mod:`common.interrupts`; also when ``main`` swallowed
+    the interrupt). While ``main`` runs, a :class:`DataWarning` prints as one line.
     """
     original = warnings.formatwarning
     warnings.formatwarning = _one_line_data_warnings(original)
-    try:
-        return main(argv) or 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        warnings.formatwarning = original
+    with stop_on_signals() as stop:
+        try:
+            status = main(argv) or 0
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as err:
+            ignore_signals()
+            stop.signum = stop.signum or signal_of(err)
+            print(stop.message, file=sys.stderr)
+            return stop.exit_status
+        finally:
+            warnings.formatwarning = original
+        if stop.signum is not None:  # the interrupt was swallowed on the way: still not a success
+            print(stop.message, file=sys.stderr)
+            return stop.exit_status
+        return status

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.outputs import output_folder
 from shards.errors import UserError, run_cli
 from shards.synthetic_people import Pose, make_identity, make_scene, render_image
 
@@ -386,6 +387,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _parser().parse_args(argv)
+    output_folder(args.out, "--out", create=False)
     info = generate(args.layout, args.out, ids=args.ids, seed=args.seed, workers=args.workers,
                     images_per_id=args.images_per_id, progress=True)
     splits = ", ".join(f"{name} {count}" for name, count in sorted(info.images_by_split.items()))

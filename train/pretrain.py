@@ -48,6 +48,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, set_seed
 from tqdm import tqdm
 
+from common.outputs import output_folder
 from pipelines.batch import Batch
 from pipelines.sources import Source, make_source
 from pipelines.sources.base import seed_of
@@ -359,7 +360,7 @@ def _logged_step(line: str) -> float:
 def check_run_dir(config: RunConfig, resume: Optional[str], accelerator: Accelerator) -> Optional[Path]:
     """Refuse to start over an existing run; the checkpoint to resume from (warning about the
     settings that changed since)."""
-    run_dir = Path(config.train.output_dir)
+    run_dir = output_folder(config.train.output_dir, "--output_dir", create=False)
     checkpoint = resolve_checkpoint(resume, run_dir) if resume else None
     if checkpoint is None and list_checkpoints(run_dir / CHECKPOINTS):
         raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume to continue it, "
