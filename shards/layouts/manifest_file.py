@@ -126,5 +126,6 @@ def scan_manifest_file(path: Path) -> LayoutScan:
             continue
         scan.records.append(record)
     if not scan.records:
-        raise UserError(f"{path} lists no usable image")
+        first = f"; the first rejected, {scan.rejected[0].source}: {scan.rejected[0].reason}" if scan.rejected else ""
+        raise UserError(f"{path} lists no usable image{first}")
     return scan
