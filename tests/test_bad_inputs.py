@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 
 import train.checkpointing as checkpointing
 from benchmarks.__main__ import main as benchmarks_main
+from benchmarks.registry import Suite
 from common.interrupts import stop_on_signals
 from common.textfiles import decode_user_text
 from shards.build import build
@@ -36,11 +37,15 @@ from shards.cli import main as shards_main
 from shards.errors import UserError, run_cli
 from shards.format import parse_index
 from shards.manifest import load_manifest
+from shards.synthetic import generate
 from shards.synthetic import main as synthetic_main
 from tests.pass_tiny_data import tiny_shards
 from tests.tiny_datasets import jpeg_bytes, market, msmt17, regdb, sysu
 from train.checkpointing import list_checkpoints, load_model_state
 from train.demo import main as demo_main
+from train.evaluate import main as evaluate_main
+from train.finetune import DOCUMENT
+from train.finetune import main as finetune_main
 from train.pretrain import main as pretrain_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,6 +371,8 @@ READ_ONLY_CASES = [
     Case("benchmarks run --results read-only", benchmarks_main,
          lambda d, ro: ["run", "--suite", "decode", "--quick", "--results", str(ro / "r")], USER,
          ("--results", "Read-only file system")),
+    Case("shards build --out read-only", shards_main,
+         lambda d, ro: build_args("sysu-mm01", d["sysu"], ro), USER, ("could not write", "Read-only file system")),
     Case("pretrain --output_dir read-only", pretrain_main, lambda d, ro: ["--preset", "pass_tiny", "--shards",
          str(d["pass-shards"]), "--output_dir", str(ro / "run")], USER, ("--output_dir", "cannot write")),
 ]
@@ -489,6 +496,15 @@ def test_sigterm_inside_a_tool_is_one_line_and_143(capfd):
     assert capfd.readouterr().err.strip() == "terminated (SIGTERM)"
 
 
+def test_ctrl_c_during_a_benchmark_suite_is_one_line(monkeypatch, tmp_path, capfd):
+    def interrupted(self, ctx):
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Suite, "run", interrupted)
+    case = Case("benchmarks Ctrl-C", benchmarks_main, lambda d, t: [], SIGINT_EXIT, ("interrupted",))
+    check(*run_in_process(case, ["run", "--suite", "decode", "--quick", "--results", str(tmp_path)], capfd), case)
+
+
 def children_of(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -532,3 +548,51 @@ def test_sigterm_to_the_demo_takes_its_stage_down(tmp_path):
     check(process.returncode, output, Case("demo SIGTERM", None, lambda d, t: [], SIGTERM_EXIT, ("terminated",)))
     time.sleep(0.5)
     assert not [k for k in seen if Path(f"/proc/{k}").exists() and b"train." in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+# -- fine-tuning and evaluation ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finetuned(data, tmp_path_factory) -> Path:
+    """A fine-tuning run of one step (ViT tiny at 64x32) on the Market shards."""
+    base = tmp_path_factory.mktemp("finetuned")
+    generate("market1501", base / "data", ids=10, images_per_id=4, workers=1)
+    build("market1501", base / "data", base / "shards", shard_size=16, workers=1)
+    data["synthetic-market-shards"] = base / "shards"
+    argv = ["--preset", "transreid-tiny", "--shards", str(base / "shards"), "--output_dir", str(base / "run"),
+            "--init", "random", "--max_steps", "1", "--eval_every", "0", "--progress_bar", "false", "--ids_per_batch", "2"]
+    assert run_cli(finetune_main, argv) == 0
+    return base / "run"
+
+
+def other_arch_checkpoint(run: Path, tmp: Path) -> Path:
+    """A copy of the run whose config names another architecture than its weights'."""
+    copy = copy_of(run, tmp)
+    checkpoint = list_checkpoints(copy / "checkpoints")[-1]
+    doc = json.loads((checkpoint / DOCUMENT).read_text())
+    doc["config"]["arch"] = "resnet_tiny"
+    (checkpoint / DOCUMENT).write_text(json.dumps(doc))
+    return checkpoint
+
+
+def evaluate_args(checkpoint: Path, data, *extra: str) -> list[str]:
+    return ["--checkpoint", str(checkpoint), "--shards", str(data["synthetic-market-shards"]), "--protocol", "market",
+            "--device", "cpu", "--source", "wds", "--no-progress", *extra]
+
+
+FINETUNE_CASES = [
+    Case("triplet fine-tuning with --instances 1", finetune_main,
+         lambda d, t, run: ["--preset", "transreid-tiny", "--shards", str(d["synthetic-market-shards"]),
+                            "--output_dir", str(t / "r"), "--init", "random", "--instances", "1"], USER, ("--instances must be at least 2", "positive")),
+    Case("evaluate a checkpoint of another architecture", evaluate_main,
+         lambda d, t, run: evaluate_args(other_arch_checkpoint(run, t), d), USER,
+         ("do not fit", "resnet_tiny", "another architecture")),
+    Case("evaluate a fine-tuned run at another --size", evaluate_main,
+         lambda d, t, run: evaluate_args(list_checkpoints(run / "checkpoints")[-1], d, "--size", "128", "64"), USER,
+         ("--size 128 64", "fine-tuned at 64x32")),
+]
+
+
+@pytest.mark.parametrize("case", FINETUNE_CASES, ids=[c.name for c in FINETUNE_CASES])
+def test_finetune_and_evaluate_input(case, data, finetuned, tmp_path, capfd):
+    check(*run_in_process(case, case.make(data, tmp_path, finetuned), capfd), case)
