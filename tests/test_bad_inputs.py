@@ -11,7 +11,6 @@ where the process itself matters (a crash in native code, signals, child process
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -34,7 +33,7 @@ from common.interrupts import stop_on_signals
 from common.textfiles import decode_user_text
 from shards.build import build
 from shards.cli import main as shards_main
-from shards.errors import UserError, run_cli
+from shards.errors import run_cli
 from shards.format import parse_index
 from shards.manifest import load_manifest
 from shards.synthetic import generate
