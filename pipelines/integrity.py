@@ -27,6 +27,7 @@ otherwise keep a stale stamp valid (git's "racy" index entries, solved the same 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import mmap
@@ -38,7 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from shards.errors import UserError, run_cli
 from shards.format import parse_index
+from shards.manifest import load_manifest
 
 STAMP_DIR = ".verified"
 STAMP_VERSION = 1
@@ -208,4 +211,51 @@ def check_shards(folder: Path, shards: list[ShardFiles], *, threads: int | None 
     return [d for d in results if d is not None]
 
 
-__all__ = ["Damage", "STAMP_DIR", "check_shards", "full_check", "index_problem", "sha256_of", "stamp_dirs"]
+@dataclass(frozen=True)
+class _Listed:
+    """A shard as the manifest lists it (the :class:`ShardFiles` fields)."""
+
+    name: str
+    path: Path
+    index: Path
+    bytes: int
+    sha256: str
+
+
+def measure(folder: Path, split: str) -> dict[str, float]:
+    """The check's cost on ``split`` of ``folder``: seconds of a full check (what an open pays
+    without a valid stamp), then of an open with the stamps that one wrote (one thread each)."""
+    manifest = load_manifest(folder)
+    listed = [_Listed(s.file, folder / s.file, folder / s.index, s.bytes, s.sha256) for s in manifest.shards_of(split)]
+    if not listed:
+        raise UserError(f"{folder} has no shards for split {split!r}")
+    start = time.perf_counter()
+    damage = [reason for s in listed if (reason := full_check(s))]
+    full = time.perf_counter() - start
+    if damage:
+        raise UserError(f"{folder}: {damage[0]}")
+    check_shards(folder, listed, threads=1)  # writes the stamps (files older than RACY_SECONDS)
+    start = time.perf_counter()
+    check_shards(folder, listed, threads=1)
+    stamped = time.perf_counter() - start
+    return {"shards": len(listed), "samples": sum(s.samples for s in manifest.shards_of(split)),
+            "mib": sum(s.bytes for s in listed) / 2**20, "full_s": full, "stamped_s": stamped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.integrity SHARDS [--split train]``: print :func:`measure`."""
+    parser = argparse.ArgumentParser(prog="python -m pipelines.integrity", description=main.__doc__)
+    parser.add_argument("shards", type=Path)
+    parser.add_argument("--split", default="train")
+    args = parser.parse_args(argv)
+    m = measure(args.shards, args.split)
+    print(f"split {args.split}: {m['shards']} shards, {m['samples']} samples, {m['mib']:.1f} MiB; full check "
+          f"{m['full_s']:.3f} s ({1e6 * m['full_s'] / m['samples']:.0f} us/sample, {m['mib'] / m['full_s']:.0f} MiB/s); "
+          f"stamped open {1e3 * m['stamped_s']:.2f} ms")
+    return 0
+
+
+__all__ = ["Damage", "STAMP_DIR", "check_shards", "full_check", "index_problem", "measure", "sha256_of", "stamp_dirs"]
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

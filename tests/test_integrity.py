@@ -175,3 +175,11 @@ def test_verify_names_edited_counts(shards):
 
 def test_verify_of_intact_shards_is_clean(shards):
     assert verify(shards) == []
+
+
+def test_measure_times_a_full_and_a_stamped_check(shards, no_racy_window):
+    m = integrity.measure(shards, "train")
+    listed = load_manifest(shards).shards_of("train")
+    assert m["shards"] == len(listed) and m["samples"] == sum(s.samples for s in listed)
+    assert m["full_s"] > 0 and m["stamped_s"] > 0
+    assert len(list((shards / STAMP_DIR).glob("train-*.json"))) == len(listed)  # the second open was stamped
