@@ -44,6 +44,8 @@ class Stop:
     """The first stopping signal received (None: none yet)."""
 
     signum: int | None = None
+    #: inside another tool's :func:`stop_on_signals`: the outer one reports the stop
+    nested: bool = False
 
     @property
     def exit_status(self) -> int:
@@ -74,6 +76,9 @@ def signal_of(err: BaseException) -> int:
 def stop_on_signals() -> Iterator[Stop]:
     """While active, SIGINT and SIGTERM raise in the main thread (module docstring). Outside the
     main thread (a tool run from a worker thread) signals are left as they are."""
+    if _active:  # a tool run by another tool in the same process
+        yield Stop(nested=True)
+        return
     stop = Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop

@@ -50,6 +50,8 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
             print(f"error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as err:
+            if stop.nested:
+                raise  # the outer tool stops and reports it
             ignore_signals()
             stop.signum = stop.signum or signal_of(err)
             print(stop.message, file=sys.stderr)

@@ -595,3 +595,17 @@ FINETUNE_CASES = [
 @pytest.mark.parametrize("case", FINETUNE_CASES, ids=[c.name for c in FINETUNE_CASES])
 def test_finetune_and_evaluate_input(case, data, finetuned, tmp_path, capfd):
     check(*run_in_process(case, case.make(data, tmp_path, finetuned), capfd), case)
+
+
+def test_interrupt_in_a_tool_run_by_another_tool_stops_the_outer_one(capfd):
+    def inner(argv):
+        signal.raise_signal(signal.SIGINT)
+
+    def outer(argv):
+        run_cli(inner, [])
+        print("went on after the interrupt")
+        return 0
+
+    assert run_cli(outer, []) == SIGINT_EXIT
+    captured = capfd.readouterr()
+    assert "went on" not in captured.out and captured.err.strip() == "interrupted"
