@@ -447,9 +447,9 @@ def run_process(argv: list[str], timeout: float = 600) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("source", ["cache", "dali"])
-def test_zeroed_bytes_in_the_first_jpeg_never_reach_dali(data, tmp_path, source):
-    """The issue's crash (exit 139 in 6 of 7 runs): now refused before any reader opens the shard."""
+def test_zeroed_bytes_in_the_first_jpeg_never_reach_dali(data, tmp_path, source="cache"):
+    """The issue's crash (exit 139 in 6 of 7 runs, the cache filled by DALI): now refused before
+    any reader opens the shard (the DALI and webdataset sources: tests/test_sources.py)."""
     shards = copy_of(data["sysu-shards"], tmp_path)
     first = next(s.file for s in load_manifest(shards).shards_of("train"))
     zero_first_jpeg(shards, first)
@@ -523,9 +523,9 @@ def start_and_signal(argv: list[str], ready: Callable[[subprocess.Popen], bool],
     return process, out + err
 
 
-@pytest.mark.parametrize("sig, status, words", [(signal.SIGINT, SIGINT_EXIT, "interrupted"),
-                                                (signal.SIGTERM, SIGTERM_EXIT, "terminated")])
-def test_signal_during_pretraining(data, tmp_path, sig, status, words):
+def test_sigterm_during_pretraining_with_dataloader_workers(data, tmp_path, sig=signal.SIGTERM,
+                                                           status=SIGTERM_EXIT, words="terminated"):
+    """A real signal in a real run (SIGINT takes the same path: the in-process tests above)."""
     run = tmp_path / "run"
     argv = ["-m", "train.pretrain", *pass_run(data["pass-shards"], tmp_path)[:-2], "--max_steps", "100000",
             "--source", "wds", "--num_workers", "2"]
