@@ -90,8 +90,8 @@ class MaterialClass:
 # a model that learns it on some identities can apply it to others.
 MATERIALS = (
     MaterialClass("cotton", tuple(range(20)),
-                  (2, 1.5, 1.5, 1, 1.5, 1.5, 1.5, 1, 1, 1, 1, .8, .8, 1, 1, .8, .8, .8, .8, .8),
-                  "weave", 0.10, 0.0, (0.1, 0.85, 0.25, -0.3), 0.6),
+                  (3, 2, 2, 1, 2, 2, 1.5, 1, 1, 1, 1, .7, .7, 1, 1, .7, .7, .7, .7, .7),
+                  "weave", 0.10, 0.0, (0.12, 0.78, 0.12, -0.22), 0.6),
     MaterialClass("denim", (NAVY, BLUE, LIGHT_BLUE, BLACK, CHARCOAL), (3, 3, 1.5, 1.5, 1),
                   "twill", 0.22, 0.0, (0.08, -0.25, 0.0, 1.05), 0.5),
     MaterialClass("wool", (CHARCOAL, GREY, BEIGE, BROWN, DARK_GREEN, NAVY, BURGUNDY, OLIVE),
@@ -107,7 +107,7 @@ MATERIALS = (
 # Which materials each body region is made of, and how often (upper, lower, shoes, hat, bag).
 _REGION_MATERIALS = {
     "upper": ((COTTON, SYNTHETIC, WOOL, LEATHER, DENIM), (0.42, 0.22, 0.2, 0.08, 0.08)),
-    "lower": ((DENIM, COTTON, SYNTHETIC, WOOL), (0.35, 0.3, 0.2, 0.15)),
+    "lower": ((DENIM, COTTON, SYNTHETIC, WOOL), (0.5, 0.25, 0.15, 0.1)),
     "shoes": ((LEATHER, SYNTHETIC, COTTON), (0.45, 0.35, 0.2)),
     "hat": ((COTTON, WOOL, SYNTHETIC), (0.4, 0.35, 0.25)),
     "bag": ((SYNTHETIC, LEATHER, COTTON), (0.55, 0.3, 0.15)),
@@ -120,14 +120,14 @@ _SKIN_TONES = np.array([(240, 200, 170), (220, 170, 130), (180, 130, 90), (120, 
 # Patterns by region: (names, probabilities). A "print" is a logo or number on the chest/back.
 _PATTERNS = ("plain", "hstripes", "vstripes", "checks", "dots", "print")
 _REGION_PATTERNS = {
-    "upper": (0.2, 0.25, 0.12, 0.13, 0.1, 0.2),
-    "lower": (0.55, 0.1, 0.2, 0.15, 0, 0),
+    "upper": (0.45, 0.15, 0.07, 0.09, 0.07, 0.17),
+    "lower": (0.85, 0, 0.1, 0.05, 0, 0),
     "shoes": (1, 0, 0, 0, 0, 0),
     "hat": (1, 0, 0, 0, 0, 0),
     "bag": (0.8, 0.2, 0, 0, 0, 0),
 }
 # A pattern must show in both modalities: its two colours differ at least this much in each.
-_MIN_PATTERN_CONTRAST = 0.25
+_MIN_PATTERN_CONTRAST = 0.15
 
 
 def thermal_brightness(material: int, rgb: np.ndarray) -> float:
@@ -229,7 +229,7 @@ def _garment(rng: np.random.Generator, region: str) -> Material:
         else:
             pattern, rgb2, ir2 = "plain", None, 0.0
     return Material(kind=kind, rgb=rgb, ir=ir, pattern=pattern, rgb2=rgb2, ir2=ir2,
-                    period=float(rng.uniform(0.05, 0.1)))
+                    period=float(rng.uniform(0.035, 0.07)))
 
 
 @lru_cache(maxsize=1024)
@@ -250,13 +250,13 @@ def make_identity(seed: int, pid: int) -> Identity:
         BAG: _garment(rng, "bag"),
     }
     return Identity(
-        pid=pid, stature=float(rng.uniform(0.86, 1.05)), build=float(rng.uniform(0.75, 1.3)),
+        pid=pid, stature=float(rng.uniform(0.9, 1.04)), build=float(rng.uniform(0.82, 1.22)),
         leg=float(rng.uniform(0.44, 0.5)), materials=materials,
         long_sleeves=bool(rng.random() < 0.6),
-        lower_kind=str(rng.choice(["trousers", "shorts", "skirt"], p=[0.6, 0.2, 0.2])),
-        coat=bool(rng.random() < 0.25), long_hair=bool(rng.random() < 0.4),
-        hat=bool(rng.random() < 0.2),
-        bag=str(rng.choice(["none", "backpack", "shoulder", "hand"], p=[0.35, 0.35, 0.18, 0.12])))
+        lower_kind=str(rng.choice(["trousers", "shorts", "skirt"], p=[0.7, 0.15, 0.15])),
+        coat=bool(rng.random() < 0.2), long_hair=bool(rng.random() < 0.35),
+        hat=bool(rng.random() < 0.15),
+        bag=str(rng.choice(["none", "backpack", "shoulder", "hand"], p=[0.45, 0.3, 0.15, 0.1])))
 
 
 @lru_cache(maxsize=64)
@@ -440,7 +440,7 @@ def _pattern_mask(material: Material, pose: Pose, size: tuple[int, int]) -> np.n
         return None
     u, v = _body_coords(pose, size)
     if material.pattern == "print":
-        return (np.abs(v - 0.3) < 0.06)[:, None] & (np.abs(u) < 0.07)[None, :]
+        return (np.abs(v - 0.3) < 0.045)[:, None] & (np.abs(u) < 0.055)[None, :]
     u, v = (u / material.period) % 1.0, (v / material.period) % 1.0
     if material.pattern == "hstripes":
         return np.broadcast_to((v < 0.4)[:, None], size)
@@ -473,7 +473,7 @@ def _texture_field(texture: str, rng: np.random.Generator, pose: Pose, size: tup
         twill = np.sin((u[None, :] + v[:, None]) * (2 * np.pi / 0.02))
         return 0.35 * twill + 0.9 * np.abs(_smooth_noise(rng, size, 2 * cells))
     if texture == "ribs":  # knitted wool: vertical ribs
-        return np.broadcast_to(np.sin(u * (2 * np.pi / 0.05))[None, :], size)
+        return np.broadcast_to(np.sin(u * (2 * np.pi / 0.035))[None, :], size)
     if texture == "creases":  # leather: a few sharp creases
         return -np.abs(_smooth_noise(rng, size, cells)) ** 3
     if texture == "quilting":  # nylon: dark horizontal seams of a quilted jacket
@@ -603,9 +603,9 @@ def _finish_ir(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray) 
     # The illuminator sits by the lens: the centre of the view is lit most.
     yy = (np.arange(h, dtype=np.float32)[:, None] / h - rng.uniform(0.35, 0.6)) * 1.6
     xx = np.arange(w, dtype=np.float32)[None, :] / w - 0.5
-    image = image * (1.0 - rng.uniform(0.15, 0.35) * (xx**2 + yy**2) * 2)
-    image = image * rng.uniform(0.85, 1.2) + rng.uniform(-0.03, 0.05)
-    image = image * (1.0 + 0.08 * _smooth_noise(rng, (h, w), 16))
+    image = image * (1.0 - rng.uniform(0.2, 0.5) * (xx**2 + yy**2) * 2)
+    image = image * rng.uniform(0.75, 1.3) + rng.uniform(-0.05, 0.08)
+    image = image * (1.0 + 0.12 * _smooth_noise(rng, (h, w), 16))
     image = image + rng.normal(0, rng.uniform(0.02, 0.05), image.shape).astype(np.float32)
     grey = Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), "L")
     return grey.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.4))).convert("RGB")
