@@ -163,7 +163,8 @@ def test_ir_is_not_a_greyscale_of_rgb(sysu):
         ir.append(np.mean(infrared, axis=0)[1:])
     luma_even, luma_odd, ir = (np.concatenate(v) for v in (luma_even, luma_odd, ir))
     assert len(ir) >= 24
-    # Measured over seeds 0-3: RGB-RGB 0.70-0.78, RGB-IR 0.04-0.18; a grey copy would be ~0.7.
+    # Measured over seeds 0-1: RGB-RGB 0.63-0.85, RGB-IR 0.35-0.37 (colour partly predicts IR
+    # through the material rule, by design); a grey copy would score like RGB-RGB.
     assert kendall_tau(luma_even, luma_odd) > 0.6
     assert abs(kendall_tau(luma_even, ir)) < 0.4
 
