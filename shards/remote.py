@@ -38,7 +38,7 @@ from typing import BinaryIO
 from common.errors import UserError
 from shards.format import MANIFEST_NAME
 from shards.manifest import Manifest, ShardInfo, load_manifest
-from shards.verify import Problem, check_tar_stream, verify
+from shards.verify import Problem, check_tar_stream, content_problems, label_problems, verify
 
 SCHEMES = ("http://", "https://", "s3://", "gs://", "pipe:")
 CACHE_ENV = "REID_SHARDS_CACHE"
@@ -181,6 +181,7 @@ def verify_remote(location: str) -> list[Problem]:
     checked as a local one is (:func:`shards.verify.check_tar_stream`)."""
     manifest, _ = remote_manifest(location)
     problems = []
+    metas: list = []
     for shard in manifest.shards:
         try:
             index = read_remote(file_url(location, shard.index)).decode("utf-8", errors="replace")
@@ -188,12 +189,15 @@ def verify_remote(location: str) -> list[Problem]:
             index = None
         try:
             with open_remote(file_url(location, shard.file)) as stream:
-                reason = check_tar_stream(stream, shard, index)
+                reason = check_tar_stream(stream, shard, index, metas)
         except UserError as err:
             reason = f"unreadable: {err}"
         if reason:
             problems.append(Problem(shard.file, reason))
-    return problems
+    checks = label_problems(manifest)
+    if not problems:  # as for a local folder: counts are only meaningful over intact shards
+        checks += content_problems(manifest, [m for m in metas if m is not None])
+    return problems + [Problem(MANIFEST_NAME, reason) for reason in checks]
 
 
 def cache_folder(location: str) -> Path:
