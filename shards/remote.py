@@ -37,8 +37,8 @@ from typing import BinaryIO
 
 from common.errors import UserError
 from shards.format import MANIFEST_NAME
-from shards.manifest import Manifest, ShardInfo, load_manifest
-from shards.verify import Problem, check_tar_stream, content_problems, label_problems, verify
+from shards.manifest import Manifest, ShardInfo, label_problems, load_manifest
+from shards.verify import Problem, check_tar_stream, content_problems, verify
 
 SCHEMES = ("http://", "https://", "s3://", "gs://", "pipe:")
 CACHE_ENV = "REID_SHARDS_CACHE"
