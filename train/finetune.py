@@ -836,7 +836,7 @@ def evaluate_best(accelerator, model: nn.Module, config: FinetuneConfig, protoco
         return last, int(info["epoch"])
     module: ReIDModel = accelerator.unwrap_model(model)
     module.load_state_dict(load_model_state(folder))
-    return evaluate_model(accelerator, model, config, protocol), int(info["epoch"])
+    return evaluate_model(accelerator, model, config, protocol, config.eval_trials), int(info["epoch"])
 
 
 def write_results(path: Path, config: FinetuneConfig, init: str, last: list[ProtocolResult],
