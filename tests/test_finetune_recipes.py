@@ -13,6 +13,7 @@ Sources: mangye16/Cross-Modal-Re-ID-baseline (``train.py``, ``utils.py``, ``mode
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -433,3 +434,18 @@ def test_a_vit_evaluated_at_a_size_it_cannot_take_is_refused(market_shards, tmp_
     with pytest.raises(UserError, match="multiples of its 16-pixel patch"):
         load_for_evaluation(tmp_path / "vit", device="cpu", size=(60, 30))
     assert load_for_evaluation(tmp_path / "vit", device="cpu", size=(96, 32)).size == (96, 32)
+
+
+def test_an_older_run_config_keeps_the_settings_that_run_had(tmp_path):
+    """A config.json written before the AGW / TransReID wiring lacks the new settings: they take
+    the former behaviour (no non-local blocks, single neck, the sampler's epoch), not the
+    default preset's recipe, so an old TransReID run's file still resolves."""
+    config = resolve_config("transreid-tiny", shards="/data", init="random")
+    old = {k: v for k, v in dataclasses.asdict(config).items()
+           if k not in ("non_local", "drop_path", "neck", "erase_mode", "epoch_length", "eval_schedule", "select")}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**old, "schedule": "cosine"}))
+    resolved = resolve_config(None, [], path)
+    assert (resolved.non_local, resolved.neck, resolved.drop_path, resolved.erase_mode) == (False, "single", 0.0, "const")
+    assert (resolved.epoch_length, resolved.eval_schedule, resolved.select) == ("sampler", "count", "last")
+    resolved.validate()

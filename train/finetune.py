@@ -4,24 +4,33 @@ train.finetune``, or :func:`run_finetune` from Python.
 
 Recipes (presets; every field can be changed with ``--key value``)
 ------------------------------------------------------------------
-``agw-sysu`` / ``agw-regdb`` -- RGB-IR, the AGW cross-modal baseline (DESIGN.md section 5):
-two-stream ResNet-50 (RGB and IR stems, shared layer1-4, last stride 1) from an MMGL export or
-random init; GeM pooling (p = 3, fixed) -> BNNeck (BatchNorm1d, bias frozen at 0) -> linear
-classifier without bias (init N(0, 0.001)); loss = ID cross-entropy on the classifier logits +
-weighted-regularization triplet on the pre-BN feature (``--triplet batch_hard --margin 0.3`` is
-AGW's "base" variant); cross-modal identity sampler 8 ids x (4 RGB + 4 IR); resize 288x144, pad
-10 + random crop + flip, no random erasing; SGD Nesterov momentum 0.9, weight decay 5e-4 on every
-parameter, lr 0.1 for BNNeck + classifier and 0.01 for the backbone; per-epoch schedule x(e+1)/10
-for epochs 0-9, x1 to 19, x0.1 from 20, x0.01 from 50; 80 epochs. Test feature: the BN feature.
-AGW's non-local blocks are not used (the design's recipe has none).
+``agw-sysu`` / ``agw-regdb`` -- RGB-IR, the AGW cross-modal baseline as MMGL ran it (``--method
+agw`` of the AGW code; DESIGN.md section 5): two-stream ResNet-50 (RGB and IR stems, shared
+layer1-4, last stride 1) with AGW's non-local blocks (2 in layer2, 3 in layer3, identity at init;
+``--non_local false`` for the plain network), from an MMGL export, ImageNet or random init; GeM
+pooling (p = 3, fixed) -> BNNeck (BatchNorm1d, bias frozen at 0) -> linear classifier without
+bias (init N(0, 0.001)); loss = ID cross-entropy on the classifier logits + weighted-regularization
+triplet on the pre-BN feature (``--triplet batch_hard --margin 0.3`` is AGW's "base" variant);
+cross-modal identity sampler 8 ids x (4 RGB + 4 IR), an epoch of AGW's ``int(max(#RGB, #IR) / 32)
++ 1`` steps (``--epoch_length agw``); resize 288x144, pad 10 + random crop + flip, no random
+erasing; SGD Nesterov momentum 0.9, weight decay 5e-4 on every parameter, lr 0.1 for BNNeck +
+classifier and 0.01 for the backbone; per-epoch schedule x(e+1)/10 for epochs 0-9, x1 to 19,
+x0.1 from 20, x0.01 from 50; 81 epochs. Test feature: the BN feature. Evaluated after epochs
+2, 4, ..., 80 (``--eval_schedule agw``) on the trial-0 gallery; the best Rank-1 is kept
+(``--select best_trial0``: ``best/``), and at the end the last epoch and that best are both
+evaluated with every trial and reported side by side, labelled (the best is a test-set
+selection, as the AGW code's published numbers).
 
-``transreid-market`` -- RGB, TransReID-style fine-tuning of a PASS ViT-S/16 (the PASS configs):
-feature ``cat(CLS, mean(PART_1..3))`` -> BNNeck -> classifier; ID cross-entropy (no label
-smoothing) + soft-margin batch-hard triplet on the pre-BN feature; P x K sampler 16 x 4;
-256x128, mean = std = 0.5, pad 10 + crop + flip + random erasing p 0.5; SGD momentum 0.9 (no
-Nesterov), lr 4e-4, biases 2x lr, weight decay 1e-4 (biases too); 20 warm-up epochs from 0.01 x
-lr, then cosine to 0.002 x lr, 120 epochs. Test feature: the pre-BN feature (``NECK_FEAT:
-before``). Schedules move every step (TransReID steps once per epoch).
+``transreid-market`` (and ``-384``, ``transreid-msmt17[-384]``, ``transreid-vitb-*``) --
+RGB, PASS_transreid's fine-tuning of a PASS ViT (:data:`train.recipes.RECIPES`): drop path 0.1;
+feature ``cat(CLS, mean(PART_1..3))``; multi-neck (one BN per token type, the classifier on
+``cat(BN(cls), mean_k BN_k(part_k))``; ``--neck single``: one BNNeck); ID cross-entropy (no label
+smoothing) + soft-margin batch-hard triplet on the pre-BN feature; P x K sampler 16 x 4; 256x128
+(384x128), mean = std = 0.5, pad 10 + crop + flip + timm's pixel-mode random erasing p 0.5; SGD
+momentum 0.9 (no Nesterov), lr 4e-4, biases 2x lr, weight decay 1e-4 (biases too); timm's cosine
+stepped per epoch (``--schedule timm_cosine``): 20 warm-up epochs from 4e-6, cosine on t/120 to
+8e-7, the same absolute start and minimum for the bias group; 120 epochs. Test feature: the
+pre-BN feature (``NECK_FEAT: before``), L2-normalised by the evaluation.
 
 ``agw-tiny`` / ``transreid-tiny`` -- the same code paths at toy size for tests and the CPU demo.
 
@@ -40,14 +49,21 @@ Outputs (``output_dir``): ``config.json``; ``checkpoints/step_N/`` (:mod:`train.
 ``model.safetensors`` = :class:`models.reid.ReIDModel` state dict, optimizer, random states, the source's
 position, ``trainer_state.json`` with the history, ``finetune.json`` = config + class count);
 ``metrics.jsonl`` (one JSON object per logged step / epoch / evaluation); ``tensorboard/``;
-``results.json`` (final metrics). A checkpoint folder or the run folder is what
-``python -m train.evaluate --checkpoint`` takes.
+``results.json`` (final metrics: ``results`` of the reported model, ``last`` and, with ``--select
+best_trial0``, ``best_trial0``); ``best/`` (the best trial-0 checkpoint's weights and documents).
+A checkpoint folder, ``best/`` or the run folder is what ``python -m train.evaluate --checkpoint``
+takes.
 
-Initialisation (``--init``): ``random`` or a backbone file (:mod:`models.weights`): a state dict
-with this project's module names (:mod:`models.resnet` / :mod:`models.vit`, as ``reid-export
---format native`` writes), possibly nested under ``state_dict`` / ``model`` / ``backbone`` or prefixed
-``backbone.`` / ``module.``. Every backbone weight must be present: missing or unexpected keys
-are an error naming them. Only the backbone is loaded; BNNeck and classifier start fresh.
+Initialisation (``--init``, :func:`models.initialisation.initialise_backbone`): ``random``;
+``imagenet:PATH`` (a torchvision / timm ImageNet ResNet-50 state dict: ``fc`` dropped, the stem
+into both stems, as AGW's baseline); an official PASS-reID file (a ``main_pass.py`` checkpoint's
+``teacher`` or the converted PASS_transreid layout, read safely, position embeddings resized to
+the run's size); or a backbone file with this project's module names (:mod:`models.weights`, as
+``reid-export --format native`` writes), possibly nested under ``state_dict`` / ``model`` /
+``backbone`` or prefixed ``backbone.`` / ``module.``. Every backbone weight must be present but
+AGW's non-local blocks (an MMGL export has none: they keep their identity init, as AGW's
+``strict=False`` load leaves them); other missing or unexpected keys are an error naming them.
+Only the backbone is loaded; the neck and classifier start fresh.
 """
 
 from __future__ import annotations
@@ -349,6 +365,10 @@ PRESETS: dict[str, Callable[[], FinetuneConfig]] = {
 
 
 DEFAULT_PRESET = "agw-sysu"
+#: Settings every run's ``config.json`` has held since the first version: a file with all of them
+#: is a run's configuration (:func:`resolve_config`).
+RUN_CONFIG_KEYS = frozenset({"shards", "init", "arch", "image_size", "sampler", "triplet", "schedule", "eval_feature",
+                             "output_dir"})
 
 
 def resolve_config(preset: Optional[str], overrides: list[str] = (), config_file: Optional[str | Path] = None,
@@ -358,10 +378,13 @@ def resolve_config(preset: Optional[str], overrides: list[str] = (), config_file
     ``key: value`` file), then keyword ``values``, then ``--key value`` ``overrides`` (typed as in
     :mod:`train.settings`; an unknown key or bad value is a :class:`UserError`)."""
     file_values = read_config_file(config_file) if config_file is not None else {}
-    preset = preset or file_values.pop("preset", None) or DEFAULT_PRESET
+    named = preset or file_values.pop("preset", None)
+    preset = named or DEFAULT_PRESET
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
-    config = PRESETS[preset]()
+    # A run's config.json from before a setting existed: that setting keeps the value the run had
+    # (the dataclass default, the former behaviour), not the default preset's newer recipe value.
+    config = FinetuneConfig() if not named and RUN_CONFIG_KEYS <= set(file_values) else PRESETS[preset]()
     apply_settings(config, settings_tokens(file_values))
     config = dataclasses.replace(config, **values)
     apply_settings(config, list(overrides))
@@ -975,7 +998,8 @@ def build_parser() -> ArgumentParser:
     )
     # --shards and --init are checked after --help, which needs neither
     parser.add_argument("--shards", metavar="DIR", help="shard folder built by `python -m shards build` (required)")
-    parser.add_argument("--init", metavar="PATH", help="an exported backbone (.pt / .safetensors), or `random` (required)")
+    parser.add_argument("--init", metavar="PATH", help="an exported backbone (.pt / .safetensors), an official PASS-reID "
+                        "file, imagenet:PATH (a torchvision / timm ResNet-50), or `random` (required)")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help=f"recipe (default: the --config file's, else {DEFAULT_PRESET})")
     parser.add_argument("--config", metavar="FILE",
@@ -1010,7 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not config.shards or ("init" not in given and not (args.config and "init" in read_config_file(args.config))):
         raise UserError("pass --shards DIR (built by `python -m shards build`) and --init (an exported backbone, "
-                        "or random), or a --config file that has them; see --help")
+                        "imagenet:PATH or random), or a --config file that has them; see --help")
     try:
         result = run_finetune(config, resume=args.resume)
     except NonFiniteLoss as err:
