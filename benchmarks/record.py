@@ -56,6 +56,11 @@ class SuiteResult:
             f"{per}s_per_cpu_s": _figure(1e3 / measurement.cpu_ms_per_item),
             "seconds_median": round(measurement.seconds_median, 4),
             "seconds_all": [round(s, 4) for s in measurement.seconds],
+            # system time and minor page faults: fresh large buffers per batch show here
+            f"system_ms_per_{per}": round(measurement.system_ms_per_item, 4),
+            f"minor_faults_per_{per}": round(measurement.minor_faults_per_item, 3),
+            "system_s_all": [round(s, 3) for s in measurement.system],
+            "minor_faults_all": list(measurement.minor_faults),
             "items": measurement.items[0],
             **extra,
         })
