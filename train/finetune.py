@@ -759,6 +759,8 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(config_document(config))
+        if checkpoint is None:  # a fresh start: a best of an earlier attempt in this folder is not this run's
+            shutil.rmtree(out / BEST, ignore_errors=True)
         if config.progress_bar:
             tqdm.write(f"init: {init}")
     if config.tensorboard:
