@@ -449,3 +449,17 @@ def test_an_older_run_config_keeps_the_settings_that_run_had(tmp_path):
     assert (resolved.non_local, resolved.neck, resolved.drop_path, resolved.erase_mode) == (False, "single", 0.0, "const")
     assert (resolved.epoch_length, resolved.eval_schedule, resolved.select) == ("sampler", "count", "last")
     resolved.validate()
+
+
+def test_a_256x128_export_loads_into_a_384x128_vit(tmp_path):
+    """A native ViT file pre-trained at 64x32 (a 4x2 patch grid) into a 96x32 model (6x2): the
+    patch position embeddings resized bilinearly as PASS_transreid's loader, the rest as is."""
+    torch.manual_seed(2)
+    source = create_backbone("vit_tiny", (64, 32))
+    torch.save(source.state_dict(), tmp_path / "vit.pth")
+    taller = create_backbone("vit_tiny", (96, 32))
+    assert load_backbone_weights(taller, tmp_path / "vit.pth") == []
+    grid = source.patch_pos_embed.detach().reshape(1, 4, 2, -1).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(6, 2), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(taller.patch_pos_embed.detach(), expected.permute(0, 2, 3, 1).reshape(1, 12, -1))
+    torch.testing.assert_close(taller.cls_token.detach(), source.cls_token.detach())
