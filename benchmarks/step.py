@@ -194,7 +194,7 @@ def run_workload(ctx: RunContext, workload: Workload, steps: int, result: SuiteR
 
 
 def mfu_peak(ctx: RunContext, device: torch.device) -> float | None:
-    """The peak MFU is stated against: ``--peak-tflops`` when given, else the datasheet's."""
+    """The peak MFU is stated against: ``--peak_tflops`` when given, else the datasheet's."""
     return ctx.peak_tflops if ctx.peak_tflops is not None and device.type == "cuda" else peak_tflops(device)
 
 
@@ -212,7 +212,7 @@ def run(ctx: RunContext) -> SuiteResult:
         title=f"model step alone vs full pipeline step, ViT-S PASS and ResNet-50 MMGL on {where}",
         primary="images_per_s", columns=columns,
         settings={**ctx.base_settings(), "torch_threads": torch.get_num_threads(), "peak_bf16_tflops": peak,
-                  "peak_basis": ("given (--peak-tflops)" if ctx.peak_tflops is not None and peak is not None
+                  "peak_basis": ("given (--peak_tflops)" if ctx.peak_tflops is not None and peak is not None
                                  else "datasheet dense bf16" if peak is not None else None)},
     )
     start = time.perf_counter()
@@ -228,7 +228,7 @@ def run(ctx: RunContext) -> SuiteResult:
         "torch.utils.flop_counter.FlopCounterMode on an eager step, over the measured wall time per step; "
         "MFU divides it by the peak in the settings (peak_bf16_tflops, peak_basis): by default the GPU's "
         "datasheet dense bf16 peak (989.4 TFLOP/s for an H200), also for fp32 rows, as MFU is usually stated; "
-        "an H200 here measured ~790 TFLOP/s on a large bf16 matmul, which --peak-tflops 790 states MFU against.",
+        "an H200 here measured ~790 TFLOP/s on a large bf16 matmul, which --peak_tflops 790 states MFU against.",
         "Both pipelines of a variant use the same model and optimizer; the full pipeline's source reads "
         "the shared synthetic SYSU-MM01-like set (MMGL: device cache + pairs sampler; PASS: DALI streaming).",
     ]

@@ -52,6 +52,8 @@ import torch
 
 from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
+from common.interrupts import wait_child
+from common.outputs import output_folder
 from shards.build import build
 from shards.inspection import contact_sheet, random_samples, summary_table
 from shards.manifest import MANIFEST_NAME
@@ -227,6 +229,7 @@ def make_demo(args: argparse.Namespace) -> Demo:
             raise UserError(f"{option} {value}: must be at least 1")
     if root is not None and not root.is_dir():
         raise UserError(f"--root {root} is not a folder (expected a {METHOD_LAYOUTS[args.method]} dataset)")
+    output_folder(args.out, "--out", create=False)
     return Demo(args.method, args.scale, plan, args.out.expanduser().resolve() / name, root,
                 args.ids or plan.ids, args.images_per_id or plan.images_per_id, args.seed, args.workers,
                 setting_tokens(args.pretrain, "pretrain"), setting_tokens(args.finetune, "finetune"),
@@ -413,7 +416,8 @@ def run_child(command: list[str], log: Path, progress: bool) -> None:
     with open(log, "a") as f:
         f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}\n{' '.join(command)}\n\n")
         f.flush()
-        code = subprocess.call(command, stdout=f, stderr=None if progress else subprocess.STDOUT)
+        with subprocess.Popen(command, stdout=f, stderr=None if progress else subprocess.STDOUT) as child:
+            code = wait_child(child)  # a stopped demo stops its stage too (common.interrupts)
     if code:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
         raise StageFailed(f"{command[2]} failed (exit status {code}): {lines[-1] if lines else ''} -- log: {log}")

@@ -252,6 +252,9 @@ class FinetuneConfig:
                 raise UserError(f"--{key} must not be negative, got {value}")
         if self.ids_per_batch < 2:
             raise UserError("--ids_per_batch must be at least 2: the triplet loss needs two identities per batch")
+        if self.instances < 2 and self.sampler != "cross_modal" and self.triplet_weight > 0:
+            raise UserError("--instances must be at least 2: with one image per identity a batch has no positive "
+                            "pair for the triplet loss (or set --triplet_weight 0)")
         if min(self.image_size) < 16:
             raise UserError(f"--image_size {self.image_size} is too small (at least 16 x 16)")
         if backbone_entry(self.arch).family == "vit" and (self.image_size[0] % 16 or self.image_size[1] % 16):
@@ -272,9 +275,6 @@ class FinetuneConfig:
         if self.neck == "multi" and family != "vit":
             raise UserError(f"--neck multi needs a ViT's [PART] tokens; --arch {self.arch} is a ResNet "
                             "(use --neck single)")
-        if self.sampler == "identity" and self.instances < 2 and self.triplet_weight > 0:
-            raise UserError(f"--instances {self.instances}: the triplet loss needs at least 2 images per identity "
-                            "in a batch (a positive pair); use --instances 2 or more")
         if self.epoch_length == "agw" and self.sampler != "cross_modal":
             raise UserError("--epoch_length agw counts AGW's cross-modal batches; use it with --sampler cross_modal")
         if self.schedule == "timm_cosine" and self.warmup_epochs != int(self.warmup_epochs):
@@ -939,24 +939,25 @@ def load_for_evaluation(path: str | Path, device: str | torch.device | None = No
         if document.get("format") != FORMAT:
             raise UserError(f"{folder / DOCUMENT} has format {document.get('format')!r}, expected {FORMAT!r}")
         config = from_dict(FinetuneConfig, document["config"])
-        image_size = tuple(size) if size else tuple(config.image_size)
-        check_eval_size(config.arch, image_size)
-        # built at the training size: a ViT interpolates its position embeddings to another input
+        if size and tuple(size) != tuple(config.image_size):
+            raise UserError(f"--size {size[0]} {size[1]}: {folder} was fine-tuned at {config.image_size[0]}x"
+                            f"{config.image_size[1]} and is evaluated at that size; --size is for exported backbones")
         model = build_model(config, int(document["num_classes"]))
         try:
             model.load_state_dict(load_model_state(folder))
-        except RuntimeError as err:
-            raise UserError(f"the weights of {folder} do not fit the network its {DOCUMENT} describes ({config.arch}"
-                            f"{', non-local' if config.non_local else ''}, {config.neck} neck): {_first_line(err)}; "
-                            "was the checkpoint copied from another run?") from None
-        which, normalization = config.eval_feature, config.normalization
+        except RuntimeError as err:  # weights of another architecture
+            net = f"{config.arch}{', non-local' if config.non_local else ''}, {config.neck} neck"
+            raise UserError(f"{folder}: its weights do not fit the {config.arch} model its config names ({net}), they "
+                            f"come from another architecture ({_first_line(err)})") from None
+        which, image_size, normalization = config.eval_feature, tuple(config.image_size), config.normalization
         protocol = document.get("protocol")
         regdb_trial = config.regdb_trial if protocol in PROTOCOLS and PROTOCOLS[protocol].trained_per_trial else None
-        description = f"fine-tuned {config.arch} ({folder})" + (
-            f" at {image_size[0]}x{image_size[1]} (trained at {config.image_size[0]}x{config.image_size[1]})"
-            if image_size != tuple(config.image_size) else "")
+        description = f"fine-tuned {config.arch} ({folder})"
     else:
-        backbone, arch = backbone_from_file(path, size)
+        try:
+            backbone, arch = backbone_from_file(path, size)
+        except ValueError as err:  # a size the network cannot be built for (a ViT: its patch grid)
+            raise UserError(f"--size {size[0]} {size[1]}: {err}" if size else f"{path}: {err}") from None
         entry = backbone_entry(arch)
         image_size = tuple(size) if size else entry.input_size
         check_eval_size(arch, image_size)
@@ -970,7 +971,7 @@ def load_for_evaluation(path: str | Path, device: str | torch.device | None = No
 
 
 def check_eval_size(arch: str, size: tuple[int, int]) -> None:
-    """Refuse an evaluation input size the network cannot take (a ViT: multiples of its patch)."""
+    """Refuse an input size an exported backbone cannot take (a ViT: multiples of its patch)."""
     if min(size) < 16:
         raise UserError(f"--size {size[0]} {size[1]} is too small (at least 16 x 16)")
     if backbone_entry(arch).family == "vit" and (size[0] % 16 or size[1] % 16):
@@ -980,7 +981,7 @@ def check_eval_size(arch: str, size: tuple[int, int]) -> None:
 def _first_line(err: Exception) -> str:
     """The gist of a ``load_state_dict`` error (its first lines name the keys or shapes)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return " ".join(lines[1:2] or lines[:1])[:300]
+    return " ".join(lines[1:2] or lines[:1])[:200]
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
 
 from common.errors import UserError
+from common.outputs import output_folder
 from train.checkpointing import CHECKPOINTS, list_checkpoints, resolve_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -86,8 +87,9 @@ def check_run_dir(run_dir: str | Path, resume: Optional[str], *, latest_may_be_m
     resume: None (a fresh run: ``run_dir`` must not hold checkpoints, so a run is never
     overwritten by mistake), ``latest`` or a checkpoint / run folder
     (:func:`train.checkpointing.resolve_checkpoint`). With ``latest_may_be_missing``, ``latest``
-    in a run folder without checkpoints starts afresh (fine-tuning's "run or continue")."""
-    run_dir = Path(run_dir)
+    in a run folder without checkpoints starts afresh (fine-tuning's "run or continue").
+    A ``run_dir`` that is a file or cannot be written is refused before anything is built."""
+    run_dir = output_folder(run_dir, "--output_dir", create=False)
     if resume is None:
         if list_checkpoints(run_dir / CHECKPOINTS):
             raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume latest to continue it, "

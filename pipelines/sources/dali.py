@@ -53,12 +53,14 @@ that, but it has to be kept in lockstep with the prefetch queue; replaying is si
 
 Damaged shards
 --------------
-A tar shorter than the manifest says would make DALI read past the end of a memory-mapped file,
-so every tar's size is checked against the manifest before a pipeline is built
-(:func:`pipelines.sources.base.open_split`): a mismatch is a :class:`UserError` naming the
-shard. Damage that keeps the size (flipped bytes) surfaces as a DALI error while decoding; the
-source then hashes the split's shards, names those whose sha256 differs from the manifest (or,
-when all match, repeats DALI's message) and suggests ``python -m shards verify DIR``.
+DALI can crash the whole process (exit 139) on some damaged JPEG streams, so it must never see
+one. Two guarantees protect it: the builder stores only JPEGs whose structure DALI's parser
+accepts (:mod:`shards.jpeg`), and :func:`pipelines.sources.base.open_split` hands over only
+tars whose every byte matches the manifest's sha256 (:mod:`pipelines.integrity`); a damaged tar
+is a :class:`UserError` naming it, or, with ``skip_damaged``, is left out and counted. A DALI
+error that still happens (a file changed while training runs) is turned into a
+:class:`UserError` by :meth:`DaliSource._diagnose`, which names the shard(s) whose sha256 now
+differs.
 """
 
 from __future__ import annotations
@@ -181,12 +183,7 @@ class DaliSource(Source):
             raise UserError("the DALI source needs nvidia-dali (pip install -e '.[dali]', or '.[dali-cuda13]' "
                             "with torch for CUDA 13); use --source wds")
         super().__init__(batch_size=batch_size, seed=seed, rank=rank, world=world, drop_last=drop_last, device=device)
-        if split.damaged:
-            raise UserError(
-                "damaged shards: "
-                + ", ".join(str(s.path) for s in split.damaged)
-                + f" differ in size from the manifest; {VERIFY_HINT.format(folder=split.folder)}"
-            )
+        self._leave_out_damaged(split)  # open_split already took them out of split.shards
         self.split = split
         self.size = (int(size[0]), int(size[1]))
         self.fit = fit

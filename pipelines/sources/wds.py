@@ -283,15 +283,7 @@ class WdsSource(Source):
         self._len = batches_per_epoch(self.total, rank, world, self.batch_size, drop_last)
         self._warned_pad = False
         self._host = HostBuffers((self.batch_size, 3, *self.size))
-        if split.damaged:
-            self.skipped += sum(s.samples for s in split.damaged)
-            self.skipped_shards += [s.name for s in split.damaged]
-            warn_source(
-                f"skipping {len(split.damaged)} damaged shard(s) of split {split.split!r} "
-                f"({self.skipped} samples): "
-                + ", ".join(f"{s.path} (size differs from the manifest)" for s in split.damaged)
-                + f"; {VERIFY_HINT.format(folder=split.folder)}"
-            )
+        self._leave_out_damaged(split)
 
     def __len__(self) -> int:
         return self._len
