@@ -694,17 +694,20 @@ def _eval_record(results: list[ProtocolResult], epoch: int, step: int) -> dict:
 
 
 def build_backbone(config: FinetuneConfig) -> nn.Module:
-    """The run's backbone at ``image_size``: ``arch`` with ``non_local`` (ResNet) or ``drop_path`` (ViT)."""
+    """The run's backbone at ``image_size``: ``arch`` with ``non_local`` (a ResNet) or
+    ``drop_path`` (a ViT); :meth:`FinetuneConfig.validate` refuses either on the other family."""
+    family = backbone_entry(config.arch).family
     kwargs: dict[str, Any] = {}
-    if config.non_local:
+    if config.non_local and family == "resnet":
         kwargs["non_local"] = True
-    if config.drop_path:
+    if config.drop_path and family == "vit":
         kwargs["drop_path_rate"] = config.drop_path
     return create_backbone(config.arch, tuple(config.image_size), **kwargs)
 
 
 def build_model(config: FinetuneConfig, num_classes: int) -> ReIDModel:
-    return ReIDModel(build_backbone(config), num_classes, multi_neck=config.neck == "multi")
+    multi = config.neck == "multi" and backbone_entry(config.arch).family == "vit"
+    return ReIDModel(build_backbone(config), num_classes, multi_neck=multi)
 
 
 def training_views(config: FinetuneConfig) -> FinetuneViews:
