@@ -58,8 +58,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--eval_batch_size", "--batch_size", dest="eval_batch_size", type=int, default=128,
                         help="images per extraction batch (default 128)")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="input size (default: a fine-tuned run's training size; for an exported backbone "
-                             "288 144 ResNet, 256 128 ViT)")
+                        help="input size for an exported backbone (default 288 144 ResNet, 256 128 ViT)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--source", default="auto", choices=("auto", "dali", "wds", "cache"),
                         help="image source (default auto)")
