@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from models.necks import PartTokenNeck
+
 #: Which feature :meth:`ReIDModel.embed` returns.
 TestFeature = Literal["bn", "pre_bn"]
 
@@ -26,22 +28,29 @@ def bnneck(dim: int) -> nn.BatchNorm1d:
 
 
 class ReIDModel(nn.Module):
-    """Backbone -> global feature -> BNNeck -> classifier.
+    """Backbone -> global feature -> BNNeck (or the multi-neck) -> classifier.
 
     Global feature ``(B, D)``, ``D = backbone.feature_dim``: GeM of the ResNet map (D = 2048 for
     ResNet-50), or ``cat(CLS, mean(PART_k))`` of the ViT (D = 2 x embed dim).
     ``forward(images, modality)`` -> ``(features (B, D), logits (B, num_classes))``: features
-    before the BNNeck (triplet loss), logits of the BN feature (ID loss).
+    before the neck (triplet loss), logits of the BN feature (ID loss).
     ``embed(images, modality, which)`` -> ``(B, D)`` test features, ``bn`` or ``pre_bn``.
     ``modality`` ``(B,)`` (0 rgb, 1 ir) routes the two-stream stems; other backbones ignore it.
-    State dict: ``backbone.*``, ``bottleneck.*``, ``classifier.weight``.
+    State dict: ``backbone.*``, then ``bottleneck.*``, ``classifier.weight`` (single neck) or
+    ``neck.cls_bn.*``, ``neck.part_bns.{k}.*``, ``neck.classifier.weight`` (``multi_neck``).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, multi_neck: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         dim = backbone.feature_dim
         self.feature_dim = dim
+        self.multi_neck = multi_neck
+        if multi_neck:
+            if not hasattr(backbone, "num_parts"):
+                raise ValueError("the multi-neck needs a backbone with [PART] tokens (a ViT)")
+            self.neck = PartTokenNeck(backbone.embed_dim, backbone.num_parts, num_classes, multi_neck=True)
+            return
         self.bottleneck = bnneck(dim)
         self.classifier = nn.Linear(dim, num_classes, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)
@@ -49,13 +58,22 @@ class ReIDModel(nn.Module):
     def global_features(self, images: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
         return self.backbone.global_feature(images, modality)
 
-    def forward(self, images: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _neck(self, images: torch.Tensor, modality: torch.Tensor, logits: bool) -> tuple[torch.Tensor, ...]:
+        """``(before (B, D), after (B, D), logits (B, classes) or None)``."""
+        if self.multi_neck:
+            out = self.backbone(images)
+            return tuple(self.neck(out.cls, out.parts))  # the classifier is cheap next to the ViT
         features = self.global_features(images, modality)
-        return features, self.classifier(self.bottleneck(features))
+        after = self.bottleneck(features)
+        return features, after, self.classifier(after) if logits else None
+
+    def forward(self, images: torch.Tensor, modality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        before, _, logits = self._neck(images, modality, logits=True)
+        return before, logits
 
     def embed(self, images: torch.Tensor, modality: torch.Tensor, which: TestFeature = "bn") -> torch.Tensor:
-        features = self.global_features(images, modality)
-        return self.bottleneck(features) if which == "bn" else features
+        before, after, _ = self._neck(images, modality, logits=False)
+        return after if which == "bn" else before
 
 
 __all__ = ["ReIDModel", "TestFeature", "bnneck"]

@@ -8,8 +8,15 @@ wrong file a one-line :class:`~common.errors.UserError`.
   project's module names, possibly nested under ``state_dict`` / ``model`` / ``backbone`` /
   ``teacher`` or prefixed ``backbone.`` / ``module.``, loaded into a given backbone; every key
   must be present.
-- :func:`infer_arch`: the registry name of a plain native state dict, from its keys and shapes.
+- :func:`infer_arch` / :func:`infer_spec`: the registry name (and the factory arguments, e.g.
+  ``non_local``) of a plain native state dict, from its keys and shapes.
 - :func:`backbone_from_file`: any of the above, rebuilt.
+
+A backbone with AGW's non-local blocks (``NL_2.*``, ``NL_3.*``) takes a file without them (an
+MMGL export: MMGL pre-trains without them): those blocks, and only those, keep their identity
+init, as AGW's own loading (``load_state_dict(strict=False)``) leaves them. A ViT takes a file
+whose patch position embeddings are on another grid (a 256x128 export into a 384x128 model):
+they are resized as PASS_transreid's loader does (:func:`models.vit.adapt_to_model`).
 """
 
 from __future__ import annotations
@@ -24,9 +31,12 @@ from torch import nn
 from common.errors import UserError
 from models.formats import read_safetensors
 from models.registry import BackboneSpec, backbone_entry, canonical_name, create_backbone, spec_from_dict
+from models.vit import VisionTransformer, adapt_to_model
 
 NATIVE_FORMAT = "reid-pretrain/native-backbone/1"
 StateDict = dict[str, torch.Tensor]
+#: Key prefixes a backbone file may lack: AGW's non-local blocks keep their identity init.
+OWN_INIT_PREFIXES = ("NL_",)
 
 
 def read_weights_file(path: str | Path) -> Any:
@@ -90,24 +100,33 @@ def read_backbone_state(path: str | Path, payload: Any = None) -> StateDict:
     return state
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load an exported backbone into ``backbone``; every key must match (module docstring)."""
-    state = read_backbone_state(path)
+def load_backbone_weights(backbone: nn.Module, path: str | Path, payload: Any = None) -> list[str]:
+    """Load an exported backbone into ``backbone``; every key must match but the non-local
+    blocks' (module docstring). ``payload``: the file's content when already read. Returns the
+    keys left at their init (``NL_*`` keys the file lacks), sorted."""
+    state = read_backbone_state(path, payload)
+    if isinstance(backbone, VisionTransformer) and "patch_pos_embed" in state:
+        try:
+            state = adapt_to_model(backbone, state)
+        except ValueError as err:
+            raise UserError(f"{path}: {err}") from None
     own = backbone.state_dict()
-    missing = sorted(set(own) - set(state))
+    left_at_init = sorted(k for k in set(own) - set(state) if k.startswith(OWN_INIT_PREFIXES))
+    missing = sorted(set(own) - set(state) - set(left_at_init))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise UserError(
             f"{path} does not fit a {type(backbone).__name__}: {len(missing)} missing key(s) "
             f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}), {len(unexpected)} unexpected "
             f"({', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}); export it with "
-            "`reid-export CHECKPOINT --format native`, or check --arch")
-    wrong = [k for k in own if own[k].shape != state[k].shape]
+            "`reid-export CHECKPOINT --format native`, or check --arch (and --non_local)")
+    wrong = [k for k in state if own[k].shape != state[k].shape]
     if wrong:
         k = wrong[0]
         raise UserError(f"{path}: {len(wrong)} weight(s) of the wrong shape, e.g. {k} {tuple(state[k].shape)} "
                         f"instead of {tuple(own[k].shape)} (another --arch or --image_size?)")
-    backbone.load_state_dict(state)
+    backbone.load_state_dict(state, strict=not left_at_init)
+    return left_at_init
 
 
 #: Stem width -> ResNet name; embedding width -> ViT name (:func:`infer_arch`).
@@ -131,18 +150,33 @@ def infer_arch(state: StateDict) -> str:
     return canonical_name(name)
 
 
+def infer_spec(state: StateDict, size: Optional[tuple[int, int]] = None) -> BackboneSpec:
+    """How to rebuild the network of a native backbone state dict: :func:`infer_arch`, with
+    ``non_local=True`` when it holds AGW's non-local blocks (``NL_*`` keys), and ``img_size``
+    (``size``, default: the network's input size) for a ViT."""
+    name = infer_arch(state)
+    entry = backbone_entry(name)
+    kwargs: dict[str, Any] = {}
+    if any(k.startswith(OWN_INIT_PREFIXES) for k in state):
+        kwargs["non_local"] = True
+    if entry.sized:
+        kwargs["img_size"] = tuple(size) if size else entry.input_size
+    return BackboneSpec(name, kwargs)
+
+
 def backbone_from_file(path: str | Path, size: Optional[tuple[int, int]] = None) -> tuple[nn.Module, str]:
     """A backbone file rebuilt, and its registry name: a native export by :func:`load_backbone`;
-    a plain state dict with this project's keys matched to a network by :func:`infer_arch` and
+    a plain state dict with this project's keys matched to a network by :func:`infer_spec` and
     built for ``size`` (default: the network's :attr:`~models.registry.BackboneEntry.input_size`)."""
     payload = read_weights_file(path)
     if is_native_export(payload):
         return load_backbone(path), native_spec(payload, path).name
-    name = infer_arch(read_backbone_state(path, payload))
-    backbone = create_backbone(name, tuple(size) if size else backbone_entry(name).input_size)
-    load_backbone_weights(backbone, path)
-    return backbone, name
+    spec = infer_spec(read_backbone_state(path, payload), size)
+    backbone = spec.build()
+    load_backbone_weights(backbone, path, payload)
+    return backbone, spec.name
 
 
-__all__ = ["NATIVE_FORMAT", "backbone_from_file", "infer_arch", "is_native_export", "load_backbone",
+__all__ = ["NATIVE_FORMAT", "OWN_INIT_PREFIXES", "backbone_from_file", "infer_arch", "infer_spec", "is_native_export",
+           "load_backbone",
            "load_backbone_weights", "native_spec", "read_backbone_state", "read_weights_file"]

@@ -200,12 +200,21 @@ class IdentitySampler(Sampler):
         return _round_batches([table], self.p, g)
 
 
+def agw_epoch_length(rgb_images: int, ir_images: int, ids_per_batch: int, instances: int) -> int:
+    """Iterations of one AGW epoch: ``int(N / (P * K)) + 1`` with ``N = max(#RGB, #IR)``
+    (``IdentitySampler`` in mangye16/Cross-Modal-Re-ID-baseline ``utils.py``: P ids x K images per
+    modality; SYSU-MM01: ``int(22258 / 32) + 1 = 696``)."""
+    return int(max(rgb_images, ir_images) / (ids_per_batch * instances)) + 1
+
+
 class CrossModalSampler(Sampler):
-    """P identities x (K RGB + K IR) per batch, the AGW identity sampler (module docstring)."""
+    """P identities x (K RGB + K IR) per batch, the AGW identity sampler (module docstring).
+    ``epoch_batches``: batches per process and epoch (default: about one pass, module docstring)."""
 
     salt = 3
 
-    def __init__(self, pid, modality, batch_size: int, instances: int, *, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, pid, modality, batch_size: int, instances: int, *, seed: int = 0, rank: int = 0, world: int = 1,
+                 epoch_batches: int | None = None):
         super().__init__(batch_size, seed=seed, rank=rank, world=world)
         k = int(instances)
         if k < 1 or batch_size % (2 * k):
@@ -228,9 +237,16 @@ class CrossModalSampler(Sampler):
         self.ir = [ir[i] for i in both]
         groups = sum(max(1, len(m) // k) for m in self.rgb + self.ir)
         self.rounds = max(1, -(-groups // (2 * len(both))))
+        self.epoch_batches = epoch_batches
+        if epoch_batches is not None:
+            if epoch_batches < 1:
+                raise UserError(f"an epoch needs at least one batch, got {epoch_batches}")
+            self.rounds = -(-epoch_batches * world // (len(self.rgb) // self.p))
         self._check_len()
 
     def _global_batches(self) -> int:
+        if self.epoch_batches is not None:
+            return self.epoch_batches * self.world
         return self.rounds * (len(self.rgb) // self.p)
 
     def _table(self, g):
@@ -272,4 +288,4 @@ class PairSampler(Sampler):
 
 SAMPLERS = {"random": RandomSampler, "identity": IdentitySampler, "cross_modal": CrossModalSampler, "pairs": PairSampler}
 
-__all__ = ["CrossModalSampler", "IdentitySampler", "PairSampler", "RandomSampler", "SAMPLERS", "Sampler"]
+__all__ = ["CrossModalSampler", "IdentitySampler", "PairSampler", "RandomSampler", "SAMPLERS", "Sampler", "agw_epoch_length"]

@@ -143,13 +143,10 @@ def test_agw_schedule_follows_the_recipe():
     config = resolve_config("agw-sysu", shards="x")
     factors = lr_factors(config, steps_per_epoch=2)
     per_epoch = factors[::2]
+    assert len(per_epoch) == 81  # range(0, 81)
     assert per_epoch[0] == pytest.approx(0.1) and per_epoch[9] == pytest.approx(1.0)
     assert per_epoch[10:20].tolist() == [1.0] * 10
-    assert per_epoch[20:50].tolist() == [0.1] * 30 and per_epoch[50:].tolist() == [0.01] * 30
-    transreid = resolve_config("transreid-market", shards="x")
-    cosine = lr_factors(transreid, steps_per_epoch=10)
-    assert cosine[0] == pytest.approx(0.01) and cosine[200] == pytest.approx(1.0)
-    assert cosine[-1] == pytest.approx(0.002, abs=1e-4)
+    assert per_epoch[20:50].tolist() == [0.1] * 30 and per_epoch[50:].tolist() == [0.01] * 31
 
 
 def test_cli_prints_a_one_line_error(tmp_path, capsys):

@@ -4,24 +4,33 @@ train.finetune``, or :func:`run_finetune` from Python.
 
 Recipes (presets; every field can be changed with ``--key value``)
 ------------------------------------------------------------------
-``agw-sysu`` / ``agw-regdb`` -- RGB-IR, the AGW cross-modal baseline (DESIGN.md section 5):
-two-stream ResNet-50 (RGB and IR stems, shared layer1-4, last stride 1) from an MMGL export or
-random init; GeM pooling (p = 3, fixed) -> BNNeck (BatchNorm1d, bias frozen at 0) -> linear
-classifier without bias (init N(0, 0.001)); loss = ID cross-entropy on the classifier logits +
-weighted-regularization triplet on the pre-BN feature (``--triplet batch_hard --margin 0.3`` is
-AGW's "base" variant); cross-modal identity sampler 8 ids x (4 RGB + 4 IR); resize 288x144, pad
-10 + random crop + flip, no random erasing; SGD Nesterov momentum 0.9, weight decay 5e-4 on every
-parameter, lr 0.1 for BNNeck + classifier and 0.01 for the backbone; per-epoch schedule x(e+1)/10
-for epochs 0-9, x1 to 19, x0.1 from 20, x0.01 from 50; 80 epochs. Test feature: the BN feature.
-AGW's non-local blocks are not used (the design's recipe has none).
+``agw-sysu`` / ``agw-regdb`` -- RGB-IR, the AGW cross-modal baseline as MMGL ran it (``--method
+agw`` of the AGW code; DESIGN.md section 5): two-stream ResNet-50 (RGB and IR stems, shared
+layer1-4, last stride 1) with AGW's non-local blocks (2 in layer2, 3 in layer3, identity at init;
+``--non_local false`` for the plain network), from an MMGL export, ImageNet or random init; GeM
+pooling (p = 3, fixed) -> BNNeck (BatchNorm1d, bias frozen at 0) -> linear classifier without
+bias (init N(0, 0.001)); loss = ID cross-entropy on the classifier logits + weighted-regularization
+triplet on the pre-BN feature (``--triplet batch_hard --margin 0.3`` is AGW's "base" variant);
+cross-modal identity sampler 8 ids x (4 RGB + 4 IR), an epoch of AGW's ``int(max(#RGB, #IR) / 32)
++ 1`` steps (``--epoch_length agw``); resize 288x144, pad 10 + random crop + flip, no random
+erasing; SGD Nesterov momentum 0.9, weight decay 5e-4 on every parameter, lr 0.1 for BNNeck +
+classifier and 0.01 for the backbone; per-epoch schedule x(e+1)/10 for epochs 0-9, x1 to 19,
+x0.1 from 20, x0.01 from 50; 81 epochs. Test feature: the BN feature. Evaluated after epochs
+2, 4, ..., 80 (``--eval_schedule agw``) on the trial-0 gallery; the best Rank-1 is kept
+(``--select best_trial0``: ``best/``), and at the end the last epoch and that best are both
+evaluated with every trial and reported side by side, labelled (the best is a test-set
+selection, as the AGW code's published numbers).
 
-``transreid-market`` -- RGB, TransReID-style fine-tuning of a PASS ViT-S/16 (the PASS configs):
-feature ``cat(CLS, mean(PART_1..3))`` -> BNNeck -> classifier; ID cross-entropy (no label
-smoothing) + soft-margin batch-hard triplet on the pre-BN feature; P x K sampler 16 x 4;
-256x128, mean = std = 0.5, pad 10 + crop + flip + random erasing p 0.5; SGD momentum 0.9 (no
-Nesterov), lr 4e-4, biases 2x lr, weight decay 1e-4 (biases too); 20 warm-up epochs from 0.01 x
-lr, then cosine to 0.002 x lr, 120 epochs. Test feature: the pre-BN feature (``NECK_FEAT:
-before``). Schedules move every step (TransReID steps once per epoch).
+``transreid-market`` (and ``-384``, ``transreid-msmt17[-384]``, ``transreid-vitb-*``) --
+RGB, PASS_transreid's fine-tuning of a PASS ViT (:data:`train.recipes.RECIPES`): drop path 0.1;
+feature ``cat(CLS, mean(PART_1..3))``; multi-neck (one BN per token type, the classifier on
+``cat(BN(cls), mean_k BN_k(part_k))``; ``--neck single``: one BNNeck); ID cross-entropy (no label
+smoothing) + soft-margin batch-hard triplet on the pre-BN feature; P x K sampler 16 x 4; 256x128
+(384x128), mean = std = 0.5, pad 10 + crop + flip + timm's pixel-mode random erasing p 0.5; SGD
+momentum 0.9 (no Nesterov), lr 4e-4, biases 2x lr, weight decay 1e-4 (biases too); timm's cosine
+stepped per epoch (``--schedule timm_cosine``): 20 warm-up epochs from 4e-6, cosine on t/120 to
+8e-7, the same absolute start and minimum for the bias group; 120 epochs. Test feature: the
+pre-BN feature (``NECK_FEAT: before``), L2-normalised by the evaluation.
 
 ``agw-tiny`` / ``transreid-tiny`` -- the same code paths at toy size for tests and the CPU demo.
 
@@ -40,14 +49,21 @@ Outputs (``output_dir``): ``config.json``; ``checkpoints/step_N/`` (:mod:`train.
 ``model.safetensors`` = :class:`models.reid.ReIDModel` state dict, optimizer, random states, the source's
 position, ``trainer_state.json`` with the history, ``finetune.json`` = config + class count);
 ``metrics.jsonl`` (one JSON object per logged step / epoch / evaluation); ``tensorboard/``;
-``results.json`` (final metrics). A checkpoint folder or the run folder is what
-``python -m train.evaluate --checkpoint`` takes.
+``results.json`` (final metrics: ``results`` of the reported model, ``last`` and, with ``--select
+best_trial0``, ``best_trial0``); ``best/`` (the best trial-0 checkpoint's weights and documents).
+A checkpoint folder, ``best/`` or the run folder is what ``python -m train.evaluate --checkpoint``
+takes.
 
-Initialisation (``--init``): ``random`` or a backbone file (:mod:`models.weights`): a state dict
-with this project's module names (:mod:`models.resnet` / :mod:`models.vit`, as ``reid-export
---format native`` writes), possibly nested under ``state_dict`` / ``model`` / ``backbone`` or prefixed
-``backbone.`` / ``module.``. Every backbone weight must be present: missing or unexpected keys
-are an error naming them. Only the backbone is loaded; BNNeck and classifier start fresh.
+Initialisation (``--init``, :func:`models.initialisation.initialise_backbone`): ``random``;
+``imagenet:PATH`` (a torchvision / timm ImageNet ResNet-50 state dict: ``fc`` dropped, the stem
+into both stems, as AGW's baseline); an official PASS-reID file (a ``main_pass.py`` checkpoint's
+``teacher`` or the converted PASS_transreid layout, read safely, position embeddings resized to
+the run's size); or a backbone file with this project's module names (:mod:`models.weights`, as
+``reid-export --format native`` writes), possibly nested under ``state_dict`` / ``model`` /
+``backbone`` or prefixed ``backbone.`` / ``module.``. Every backbone weight must be present but
+AGW's non-local blocks (an MMGL export has none: they keep their identity init, as AGW's
+``strict=False`` load leaves them); other missing or unexpected keys are an error naming them.
+Only the backbone is loaded; the neck and classifier start fresh.
 """
 
 from __future__ import annotations
@@ -55,6 +71,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -66,21 +83,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
+from common.modality import MODALITY_CODE
 from models.registry import backbone_entry, create_backbone
 from models.reid import ReIDModel
-from models.weights import backbone_from_file, load_backbone_weights
-from pipelines.samplers import CrossModalSampler
+from models.initialisation import initialise_backbone
+from models.weights import backbone_from_file
+from pipelines.samplers import CrossModalSampler, agw_epoch_length
 from pipelines.sources import make_source
 from pipelines.sources.base import seed_of
 from pipelines.views.finetune import FinetuneViews
 from shards.manifest import Manifest, load_manifest
 from shards.remote import local_shards
-from train.checkpointing import CHECKPOINTS, Checkpointer, load_model_state, read_json, resolve_checkpoint
+from train.checkpointing import (
+    CHECKPOINTS,
+    MODEL_FILE,
+    STATE_FILE,
+    Checkpointer,
+    load_model_state,
+    read_json,
+    resolve_checkpoint,
+)
 from train.evaluation.protocols import (
     PROTOCOLS,
     ProtocolResult,
@@ -92,6 +120,7 @@ from train.evaluation.protocols import (
     format_table,
 )
 from train.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
+from train.recipes import RECIPES, TransReIDRecipe
 from train.runtime import (
     EXIT_STATUS_HELP,
     LossCheck,
@@ -103,7 +132,7 @@ from train.runtime import (
     trackers_of,
     non_finite_exit,
 )
-from train.schedules import cosine_schedule
+from train.schedules import cosine_schedule, timm_cosine_epoch_schedule
 from train.settings import (
     from_dict,
     parse_value,
@@ -136,14 +165,20 @@ class FinetuneConfig:
 
     # data and model
     shards: str = setting("", "shard folder built by ``python -m shards build``")
-    init: str = setting("random", "``random`` or a backbone file (module docstring)")
+    init: str = setting("random", "``random``, ``imagenet:PATH`` or a backbone / PASS-reID file (module docstring)")
     arch: Arch = setting("resnet50_two_stream", "backbone architecture")
+    non_local: bool = setting(False, "ResNet: AGW's non-local blocks (2 in layer2, 3 in layer3, identity at init)")
+    drop_path: float = setting(0.0, "ViT: stochastic depth, rising linearly over the blocks to this rate")
+    neck: Literal["single", "multi"] = setting("single", "single: one BNNeck over the feature; multi (ViT): one BN "
+                                               "per token type, PASS_transreid's multi-neck")
     image_size: tuple[int, int] = setting((288, 144), "training and test input, height,width")
     normalization: Literal["imagenet", "half"] = setting("imagenet", "input normalization: ImageNet mean/std, "
                                                          "or half (mean = std = 0.5, the PASS convention)")
     pad: int = setting(10, "zero padding before the random crop, in pixels")
     flip_p: float = setting(0.5, "probability of a horizontal flip")
     erase_p: float = setting(0.0, "probability of random erasing")
+    erase_mode: Literal["const", "pixel"] = setting("const", "const: Zhong et al.'s erasing (area 2-40%, fill 0); "
+                                                    "pixel: timm's (area 2%-1/3, log-uniform aspect, N(0,1) noise)")
     sampler: Literal["cross_modal", "identity"] = setting("cross_modal", "cross_modal: P ids x (K RGB + K IR); "
                                                           "identity: P ids x K images")
     ids_per_batch: int = setting(8, "P, identities per batch")
@@ -160,7 +195,9 @@ class FinetuneConfig:
     triplet_weight: float = setting(1.0, "loss = ID cross-entropy + this x triplet")
     # optimizer and schedule
     epochs: int = setting(80, "epochs of the schedule")
-    steps_per_epoch: int = setting(0, "0: the sampler's epoch")
+    steps_per_epoch: int = setting(0, "0: the epoch of --epoch_length; else at most this many steps per epoch")
+    epoch_length: Literal["sampler", "agw"] = setting("sampler", "sampler: about one pass over the images in groups of "
+                                                      "K; agw: int(max(#RGB, #IR) / (P x K)) + 1 steps (AGW's count)")
     max_steps: int = setting(0, "stop after this many steps of the schedule (0: all)")
     lr: float = setting(0.1, "learning rate of BNNeck + classifier")
     backbone_lr_factor: float = setting(0.1, "backbone lr = lr x this")
@@ -169,12 +206,14 @@ class FinetuneConfig:
     weight_decay_bias: float = setting(5e-4, "SGD weight decay of the biases")
     momentum: float = setting(0.9, "SGD momentum")
     nesterov: bool = setting(True, "Nesterov momentum")
-    schedule: Literal["agw_step", "cosine"] = setting("agw_step", "agw_step: per-epoch warm-up then steps at the "
-                                                      "milestones; cosine: per-step warm-up then cosine")
+    schedule: Literal["agw_step", "cosine", "timm_cosine"] = setting(
+        "agw_step", "agw_step: per-epoch warm-up then steps at the milestones; cosine: per-step warm-up then cosine; "
+        "timm_cosine: timm's CosineLRScheduler stepped per epoch, every group from the same absolute warm-up start "
+        "and minimum (TransReID)")
     warmup_epochs: float = setting(10.0, "epochs of learning-rate warm-up")
     milestones: tuple[int, int] = setting((20, 50), "agw_step: x0.1 from the first epoch, x0.01 from the second")
-    warmup_start: float = setting(0.01, "cosine: the warm-up starts at lr x this")
-    min_lr_factor: float = setting(0.002, "cosine: ends at lr x this")
+    warmup_start: float = setting(0.01, "cosine schedules: the warm-up starts at lr x this")
+    min_lr_factor: float = setting(0.002, "cosine schedules: end at lr x this")
     clip_grad: float = setting(0.0, "global gradient-norm clip (0: off; neither recipe clips)")
     precision: Literal["no", "bf16", "fp16"] = setting("no", "autocast dtype through accelerate")
     seed: int = setting(0, "seeds the model init, the data order and the augmentations")
@@ -182,6 +221,12 @@ class FinetuneConfig:
     protocol: Optional[Literal["market", "sysu", "sysu-indoor", "sysu-multi", "sysu-indoor-multi", "regdb"]] = setting(
         None, "evaluation protocol (none: the shard layout's)")
     eval_every: int = setting(10, "epochs between evaluations (0: only at the end)")
+    eval_schedule: Literal["count", "agw"] = setting("count", "count: after every eval_every-th epoch; agw: after "
+                                                     "epoch e (0-based) when e > 0 and e % eval_every == 0")
+    select: Literal["last", "best_trial0"] = setting(
+        "last", "the reported model: last (the last epoch) or best_trial0 (the best Rank-1 of the periodic "
+        "evaluations, on the trial-0 gallery: a test-set selection, as the AGW code); both are reported when "
+        "best_trial0 is tracked")
     eval_trials: int = setting(10, "SYSU-MM01: random gallery trials")
     eval_feature: Literal["bn", "pre_bn"] = setting("bn", "test feature: after (bn) or before (pre_bn) the BNNeck")
     eval_flip: bool = setting(False, "average the features of each test image and its mirror")
@@ -239,18 +284,54 @@ class FinetuneConfig:
         Rerank(self.rerank_k1, self.rerank_k2, self.rerank_lambda)  # refuses bad values, used or not
         if self.warmup_epochs > self.epochs:
             raise UserError(f"--warmup_epochs {self.warmup_epochs} is longer than the run ({self.epochs} epochs)")
+        self._validate_recipe()
+
+    def _validate_recipe(self) -> None:
+        """Settings that only make sense together (DESIGN.md section 8: refused before training)."""
+        family = backbone_entry(self.arch).family
+        if self.non_local and family != "resnet":
+            raise UserError(f"--non_local true adds AGW's blocks to a ResNet; --arch {self.arch} is a ViT")
+        if not 0 <= self.drop_path < 1:
+            raise UserError(f"--drop_path must be in [0, 1), got {self.drop_path}")
+        if self.drop_path and family != "vit":
+            raise UserError(f"--drop_path applies to a ViT; --arch {self.arch} is a ResNet")
+        if self.neck == "multi" and family != "vit":
+            raise UserError(f"--neck multi needs a ViT's [PART] tokens; --arch {self.arch} is a ResNet "
+                            "(use --neck single)")
+        if self.epoch_length == "agw" and self.sampler != "cross_modal":
+            raise UserError("--epoch_length agw counts AGW's cross-modal batches; use it with --sampler cross_modal")
+        if self.schedule == "timm_cosine" and self.warmup_epochs != int(self.warmup_epochs):
+            raise UserError(f"--schedule timm_cosine moves once per epoch: --warmup_epochs must be a whole number, "
+                            f"got {self.warmup_epochs}")
+        if self.select == "best_trial0" and not self.eval_every:
+            raise UserError("--select best_trial0 picks among the periodic evaluations: set --eval_every to 1 or more")
+
+    @property
+    def tracks_best(self) -> bool:
+        """Whether the periodic evaluations select a best checkpoint (``select best_trial0``)."""
+        return self.select == "best_trial0"
 
 
 def _agw(**changes: Any) -> FinetuneConfig:
-    return dataclasses.replace(FinetuneConfig(), **changes)
+    """The AGW recipe (DESIGN.md section 5, ``--method agw`` of the AGW code, as MMGL ran it)."""
+    base = FinetuneConfig(non_local=True, epoch_length="agw", epochs=81, eval_schedule="agw", eval_every=2,
+                          select="best_trial0")
+    return dataclasses.replace(base, **changes)
 
 
-def _transreid(**changes: Any) -> FinetuneConfig:
+def _transreid(recipe: TransReIDRecipe = RECIPES["transreid-market"], **changes: Any) -> FinetuneConfig:
+    """A PASS_transreid run (:data:`train.recipes.RECIPES`) as fine-tuning settings."""
     base = FinetuneConfig(
-        arch="vit_small", image_size=(256, 128), normalization="half", erase_p=0.5, sampler="identity",
-        ids_per_batch=16, instances=4, triplet="soft", epochs=120, lr=4e-4, backbone_lr_factor=1.0,
-        bias_lr_factor=2.0, weight_decay=1e-4, weight_decay_bias=1e-4, nesterov=False, schedule="cosine",
-        warmup_epochs=20, eval_every=20, eval_feature="pre_bn", output_dir="runs/finetune-transreid")
+        arch=recipe.arch, image_size=recipe.image_size, drop_path=recipe.drop_path,
+        neck="multi" if recipe.multi_neck else "single", normalization=recipe.normalization, pad=recipe.pad,
+        flip_p=recipe.flip_p, erase_p=recipe.erase_p, erase_mode=recipe.erase_mode, sampler="identity",
+        ids_per_batch=recipe.ids_per_batch, instances=recipe.instances, triplet=recipe.triplet,
+        label_smoothing=recipe.label_smoothing, epochs=recipe.epochs, lr=recipe.lr, backbone_lr_factor=1.0,
+        bias_lr_factor=recipe.bias_lr_factor, weight_decay=recipe.weight_decay,
+        weight_decay_bias=recipe.weight_decay_bias, momentum=recipe.momentum, nesterov=recipe.nesterov,
+        schedule="timm_cosine", warmup_epochs=recipe.warmup_epochs, warmup_start=recipe.warmup_start_factor,
+        min_lr_factor=recipe.min_lr_factor, eval_every=20, eval_feature=recipe.test_feature, protocol="market",
+        output_dir="runs/finetune-transreid")
     return dataclasses.replace(base, **changes)
 
 
@@ -258,27 +339,37 @@ _TINY = dict(image_size=(64, 32), pad=4, ids_per_batch=2, instances=2, epochs=2,
              warmup_epochs=1, eval_every=0, eval_trials=2, eval_batch_size=64, log_every=2, keep_last=2)
 
 def agw_sysu() -> FinetuneConfig:
-    """AGW's RGB-IR recipe on SYSU-MM01: two-stream ResNet-50, 8 ids x (4 RGB + 4 IR), SGD
-    Nesterov, lr 0.1 (backbone 0.01) with AGW's step schedule, 80 epochs; all-search protocol."""
+    """AGW's RGB-IR recipe on SYSU-MM01: two-stream ResNet-50 with non-local blocks, 8 ids x
+    (4 RGB + 4 IR), SGD Nesterov, lr 0.1 (backbone 0.01) with AGW's step schedule, 81 epochs of
+    AGW's length (696 steps); evaluated every 2 epochs on the trial-0 gallery, the best Rank-1
+    kept; both the last and that best reported with 10 trials; all-search protocol."""
     return _agw(protocol="sysu", output_dir="runs/finetune-agw-sysu")
 
 
 def agw_regdb() -> FinetuneConfig:
     """AGW's RGB-IR recipe on RegDB, trained on the identities of trial ``regdb_trial`` and
-    evaluated on its test identities, both directions."""
+    evaluated on its test identities, both directions (the best selected on visible->thermal)."""
     return _agw(protocol="regdb", output_dir="runs/finetune-agw-regdb")
 
 
-def transreid_market() -> FinetuneConfig:
-    """TransReID-style RGB fine-tuning of a PASS ViT-S/16 on Market-1501: 16 ids x 4 images,
-    256x128, random erasing, SGD lr 4e-4 with 20 warm-up epochs then cosine, 120 epochs."""
-    return _transreid(protocol="market")
+def _transreid_preset(name: str) -> Callable[[], FinetuneConfig]:
+    recipe = RECIPES[name]
+
+    def preset() -> FinetuneConfig:
+        return _transreid(recipe, output_dir=f"runs/finetune-{name}")
+
+    size = "x".join(map(str, recipe.image_size))
+    preset.__doc__ = (f"PASS_transreid's {recipe.arch} recipe on {recipe.dataset} at {size}: multi-neck, drop path "
+                      f"{recipe.drop_path}, 16 ids x 4, timm cosine per epoch (peak {recipe.lr:g}, biases x "
+                      f"{recipe.bias_lr_factor:g}), {recipe.epochs} epochs (train/recipes.py)")
+    return preset
 
 
 def agw_tiny() -> FinetuneConfig:
-    """The AGW code path at toy size (width-8 two-stream ResNet, 64x32, 2 epochs of 4 steps):
-    tests and the CPU demo."""
-    return _agw(arch="resnet_tiny_two_stream", milestones=(1, 2), output_dir="runs/finetune-agw-tiny", **_TINY)
+    """The AGW code path at toy size (width-8 two-stream ResNet with non-local blocks, 64x32, 2
+    epochs of at most 4 steps, the last epoch reported): tests and the CPU demo."""
+    return _agw(arch="resnet_tiny_two_stream", milestones=(1, 2), output_dir="runs/finetune-agw-tiny",
+                select="last", **_TINY)
 
 
 def transreid_tiny() -> FinetuneConfig:
@@ -290,13 +381,17 @@ def transreid_tiny() -> FinetuneConfig:
 PRESETS: dict[str, Callable[[], FinetuneConfig]] = {
     "agw-sysu": agw_sysu,
     "agw-regdb": agw_regdb,
-    "transreid-market": transreid_market,
+    **{name: _transreid_preset(name) for name in RECIPES},
     "agw-tiny": agw_tiny,
     "transreid-tiny": transreid_tiny,
 }
 
 
 DEFAULT_PRESET = "agw-sysu"
+#: Settings every run's ``config.json`` has held since the first version: a file with all of them
+#: is a run's configuration (:func:`resolve_config`).
+RUN_CONFIG_KEYS = frozenset({"shards", "init", "arch", "image_size", "sampler", "triplet", "schedule", "eval_feature",
+                             "output_dir"})
 
 
 def resolve_config(preset: Optional[str], overrides: list[str] = (), config_file: Optional[str | Path] = None,
@@ -306,10 +401,13 @@ def resolve_config(preset: Optional[str], overrides: list[str] = (), config_file
     ``key: value`` file), then keyword ``values``, then ``--key value`` ``overrides`` (typed as in
     :mod:`train.settings`; an unknown key or bad value is a :class:`UserError`)."""
     file_values = read_config_file(config_file) if config_file is not None else {}
-    preset = preset or file_values.pop("preset", None) or DEFAULT_PRESET
+    named = preset or file_values.pop("preset", None)
+    preset = named or DEFAULT_PRESET
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}; expected one of: {', '.join(PRESETS)}")
-    config = PRESETS[preset]()
+    # A run's config.json from before a setting existed: that setting keeps the value the run had
+    # (the dataclass default, the former behaviour), not the default preset's newer recipe value.
+    config = FinetuneConfig() if not named and RUN_CONFIG_KEYS <= set(file_values) else PRESETS[preset]()
     apply_settings(config, settings_tokens(file_values))
     config = dataclasses.replace(config, **values)
     apply_settings(config, list(overrides))
@@ -359,14 +457,7 @@ def training_data(config: FinetuneConfig, manifest: Manifest, rank: int, world: 
         pids = torch.tensor(sorted(trials[config.regdb_trial].train_ids), dtype=torch.int64)
         if config.sampler != "cross_modal":
             raise UserError("RegDB fine-tuning uses --sampler cross_modal (the trial's identities are selected by it)")
-
-        def regdb_sampler(cached):
-            # Rows of other identities get a modality code the sampler ignores (neither 0 nor 1).
-            modality = cached.modality.cpu().masked_fill(~torch.isin(cached.pid.cpu(), pids), -1)
-            return CrossModalSampler(cached.pid.cpu(), modality, config.batch_size, config.instances,
-                                     seed=config.seed, rank=rank, world=world)
-
-        return TrainingData("all", protocol, pids, regdb_sampler)
+        return TrainingData("all", protocol, pids, cross_modal_sampler(config, rank, world, pids))
     if not manifest.shards_of("train"):
         raise UserError(f"{config.shards} has no 'train' split to fine-tune on")
     pids = torch.tensor(sorted(manifest.pid_to_label), dtype=torch.int64)
@@ -374,7 +465,29 @@ def training_data(config: FinetuneConfig, manifest: Manifest, rank: int, world: 
         have = ", ".join(manifest.splits["train"].modalities) or "none"
         raise UserError(f"the cross-modal sampler needs RGB and infrared training images; {config.shards} has: {have} "
                         "(use --sampler identity for RGB-only data)")
+    if config.sampler == "cross_modal" and config.epoch_length == "agw":
+        return TrainingData("train", protocol, pids, cross_modal_sampler(config, rank, world))
     return TrainingData("train", protocol, pids, config.sampler)
+
+
+def cross_modal_sampler(config: FinetuneConfig, rank: int, world: int,
+                        pids: Optional[torch.Tensor] = None) -> Callable[[Any], CrossModalSampler]:
+    """The cross-modal sampler of the cached split, over the identities ``pids`` (all when None),
+    its epoch AGW's count when ``epoch_length`` is ``agw`` (:func:`pipelines.samplers.agw_epoch_length`,
+    N = max(#RGB, #IR) training images)."""
+
+    def build(cached) -> CrossModalSampler:
+        modality = cached.modality.cpu()
+        if pids is not None:  # rows of other identities get a code the sampler ignores (neither 0 nor 1)
+            modality = modality.masked_fill(~torch.isin(cached.pid.cpu(), pids), -1)
+        epoch_batches = None
+        if config.epoch_length == "agw":
+            counts = [int((modality == MODALITY_CODE[m]).sum()) for m in ("rgb", "ir")]
+            epoch_batches = agw_epoch_length(*counts, config.ids_per_batch, config.instances)
+        return CrossModalSampler(cached.pid.cpu(), modality, config.batch_size, config.instances, seed=config.seed,
+                                 rank=rank, world=world, epoch_batches=epoch_batches)
+
+    return build
 
 
 def class_labels(pids: torch.Tensor, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,21 +518,39 @@ def parameter_groups(model: ReIDModel, config: FinetuneConfig) -> list[dict]:
 
 
 def lr_factors(config: FinetuneConfig, steps_per_epoch: int) -> np.ndarray:
-    """Multiplier of every group's ``base_lr`` at each step ``(epochs * steps_per_epoch,)``.
+    """Multiplier of ``lr`` at each step ``(epochs * steps_per_epoch,)``: the schedule of a group
+    whose peak is ``lr`` (:func:`lr_schedule` divided by ``lr``).
 
     ``agw_step``: per epoch e, ``(e + 1) / warmup`` during the warm-up, then 1, 0.1 from
     ``milestones[0]``, 0.01 from ``milestones[1]``. ``cosine``: :func:`train.schedules.cosine_schedule`
-    from ``warmup_start`` up to 1 over the warm-up, then down to ``min_lr_factor``.
+    from ``warmup_start`` up to 1 over the warm-up, then down to ``min_lr_factor``, every step.
+    ``timm_cosine``: :func:`train.schedules.timm_cosine_epoch_schedule`, once per epoch.
     """
     if config.schedule == "cosine":
         return cosine_schedule(1.0, config.min_lr_factor, config.epochs, steps_per_epoch, config.warmup_epochs,
                                config.warmup_start)
+    if config.schedule == "timm_cosine":
+        return lr_schedule(config, steps_per_epoch, config.lr) / config.lr
     epoch = np.arange(config.epochs * steps_per_epoch) // steps_per_epoch
     factor = np.where(epoch >= config.milestones[0], 0.1, 1.0)
     factor = np.where(epoch >= config.milestones[1], 0.01, factor)
     if config.warmup_epochs > 0:
         factor = np.where(epoch < config.warmup_epochs, (epoch + 1) / config.warmup_epochs, factor)
     return factor.astype(np.float64)
+
+
+def lr_schedule(config: FinetuneConfig, steps_per_epoch: int, peak: float) -> np.ndarray:
+    """The learning rate of a parameter group whose peak is ``peak``, at each step.
+
+    ``timm_cosine`` (TransReID): every group warms up from the same absolute ``warmup_start x
+    lr`` and decays to the same ``min_lr_factor x lr`` (the reference gives timm's scheduler
+    absolute values), so a group with another peak (biases: 2 x lr) has its own curve between
+    them. The other schedules scale one curve by the group's peak.
+    """
+    if config.schedule == "timm_cosine":
+        return timm_cosine_epoch_schedule(peak, config.epochs, steps_per_epoch, int(config.warmup_epochs),
+                                          config.warmup_start * config.lr, config.min_lr_factor * config.lr)
+    return peak * lr_factors(config, steps_per_epoch)
 
 
 def triplet_loss(config: FinetuneConfig, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -435,15 +566,22 @@ def triplet_loss(config: FinetuneConfig, features: torch.Tensor, labels: torch.T
 
 @dataclass
 class FinetuneResult:
-    """``metrics``: the final evaluation (process 0; ``[]`` on the others); ``history``: one entry per epoch (``kind: train``: mean
-    losses, lr, images/s) and per evaluation (``kind: eval``: R1, mAP, mINP...), the curve data;
-    ``checkpoint``: the last checkpoint folder (``train.evaluate --checkpoint`` takes it)."""
+    """``metrics``: the final evaluation of the reported model (``select``; process 0; ``[]`` on
+    the others); ``history``: one entry per epoch (``kind: train``: mean losses, lr, images/s)
+    and per evaluation (``kind: eval``: R1, mAP, mINP...), the curve data; ``checkpoint``: the
+    last checkpoint folder (``train.evaluate --checkpoint`` takes it). With ``select
+    best_trial0``: ``last`` and ``best`` are the full evaluations of the last epoch and of the
+    best one (``best_epoch``, 0-based; ``best`` is ``[]`` when no periodic evaluation ran)."""
 
     metrics: list[ProtocolResult]
     history: list[dict]
     output_dir: Path
     checkpoint: Path
     seconds: float = 0.0
+    selected: str = "last"
+    last: list[ProtocolResult] = field(default_factory=list)
+    best: list[ProtocolResult] = field(default_factory=list)
+    best_epoch: Optional[int] = None
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {r.setting: r.summary() for r in self.metrics}
@@ -494,17 +632,20 @@ def check_pending(losses: LossCheck, unknown_pid: torch.Tensor) -> None:
     losses.check()
 
 
-def evaluate_model(accelerator, model: nn.Module, config: FinetuneConfig, protocol: str) -> list[ProtocolResult]:
+def evaluate_model(accelerator, model: nn.Module, config: FinetuneConfig, protocol: str,
+                   trials: Optional[int] = None) -> list[ProtocolResult]:
     """Evaluate on every process (each embeds its part of the test images; process 0 ranks and
     the others get ``[]``): no process waits for another's whole extraction at a collective,
-    whose timeout a long evaluation could otherwise exceed."""
+    whose timeout a long evaluation could otherwise exceed. ``trials``: SYSU-MM01 galleries
+    (default ``eval_trials``; 1 is the trial-0 gallery the AGW code selects on)."""
     module: ReIDModel = accelerator.unwrap_model(model)
     views = FinetuneViews(tuple(config.image_size), normalization=config.normalization)
     was_training = module.training
     module.eval()
     try:
         return evaluate(lambda v, m: module.embed(v, m, config.eval_feature), config.shards, protocol,
-                        size=tuple(config.image_size), transform=views.eval_views, trials=config.eval_trials,
+                        size=tuple(config.image_size), transform=views.eval_views,
+                        trials=trials or config.eval_trials,
                         regdb_trials=[config.regdb_trial] if PROTOCOLS[protocol].trained_per_trial else None,
                         batch_size=config.eval_batch_size, device=accelerator.device, flip=config.eval_flip,
                         source="auto" if config.source == "cache" else config.source,
@@ -513,6 +654,52 @@ def evaluate_model(accelerator, model: nn.Module, config: FinetuneConfig, protoc
                         ranking=Ranking(rerank=config.rerank))
     finally:
         module.train(was_training)
+
+
+def evaluation_due(config: FinetuneConfig, epoch: int) -> bool:
+    """Whether a periodic evaluation follows epoch ``epoch`` (0-based): ``count``: after every
+    ``eval_every``-th epoch; ``agw``: ``epoch > 0 and epoch % eval_every == 0``, as the AGW
+    code's ``train.py`` (epochs 2, 4, ..., 80 of ``range(0, 81)``)."""
+    if not config.eval_every:
+        return False
+    if config.eval_schedule == "agw":
+        return epoch > 0 and epoch % config.eval_every == 0
+    return (epoch + 1) % config.eval_every == 0
+
+
+def selection_rank1(results: list[ProtocolResult]) -> float:
+    """The score the best checkpoint is selected by: Rank-1 of the first trial (SYSU-MM01: the
+    trial-0 gallery; RegDB: the trained trial) of the first setting (RegDB: visible->thermal,
+    AGW's test mode)."""
+    return float(results[0].per_trial[0]["R1"])
+
+
+# --------------------------------------------------------------------------------------------
+# The best checkpoint (``select best_trial0``)
+# --------------------------------------------------------------------------------------------
+
+BEST = "best"
+#: How the two reported models are labelled, in results.json and on the console.
+LAST_LABEL = "last epoch"
+BEST_LABEL = "best R1 on trial 0 (test-selected, as the AGW code)"
+
+
+def save_best(folder: Path, module: ReIDModel, document: dict, info: dict) -> None:
+    """Write the best model so far to ``folder`` (``model.safetensors``, ``finetune.json``,
+    ``trainer_state.json`` = ``info``), replacing the previous one only once the new one is
+    complete. ``reid-evaluate --checkpoint folder`` takes it."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp / MODEL_FILE))
+    (tmp / DOCUMENT).write_text(json.dumps(document, indent=1) + "\n")
+    (tmp / STATE_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _eval_line(results: list[ProtocolResult], epoch: int) -> str:
@@ -530,6 +717,32 @@ def _eval_record(results: list[ProtocolResult], epoch: int, step: int) -> dict:
     return record
 
 
+def build_backbone(config: FinetuneConfig) -> nn.Module:
+    """The run's backbone at ``image_size``: ``arch`` with ``non_local`` (a ResNet) or
+    ``drop_path`` (a ViT); :meth:`FinetuneConfig.validate` refuses either on the other family."""
+    family = backbone_entry(config.arch).family
+    kwargs: dict[str, Any] = {}
+    if config.non_local and family == "resnet":
+        kwargs["non_local"] = True
+    if config.drop_path and family == "vit":
+        kwargs["drop_path_rate"] = config.drop_path
+    return create_backbone(config.arch, tuple(config.image_size), **kwargs)
+
+
+def build_model(config: FinetuneConfig, num_classes: int) -> ReIDModel:
+    multi = config.neck == "multi" and backbone_entry(config.arch).family == "vit"
+    return ReIDModel(build_backbone(config), num_classes, multi_neck=multi)
+
+
+def training_views(config: FinetuneConfig) -> FinetuneViews:
+    """The training views: ``const`` erasing with Zhong et al.'s ranges, ``pixel`` with timm's
+    (:func:`pipelines.views.finetune.transreid_views`' values)."""
+    timm = config.erase_mode == "pixel"
+    return FinetuneViews(tuple(config.image_size), pad=config.pad, flip_p=config.flip_p, erase_p=config.erase_p,
+                         erase_area=(0.02, 1 / 3) if timm else (0.02, 0.4), erase_aspect=(0.3, 1 / 0.3),
+                         normalization=config.normalization, erase_mode=config.erase_mode, erase_log_aspect=timm)
+
+
 def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> FinetuneResult:
     """Fine-tune, evaluate periodically and at the end; returns metrics and curve data.
 
@@ -538,7 +751,8 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
     Bad settings raise :class:`UserError` before any step.
 
     Linear, as :func:`train.pretrain.train`: configuration -> accelerator -> data -> model ->
-    source -> optimizer and schedule -> resume -> steps (evaluation and checkpoints at epoch ends).
+    source -> optimizer and schedule -> resume -> steps (evaluation and checkpoints at epoch ends)
+    -> the reported models' final evaluations.
     """
     started = time.perf_counter()
     config.validate()
@@ -552,36 +766,38 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     data = training_data(config, manifest, rank, world)
     set_seed(config.seed)
-    backbone = create_backbone(config.arch, tuple(config.image_size))
-    if config.init != "random":
-        load_backbone_weights(backbone, config.init)
-    model = ReIDModel(backbone, data.num_classes)
+    model = build_model(config, data.num_classes)
+    init = initialise_backbone(model.backbone, config.init)
     source = make_source(config.shards, data.split, batch_size=config.batch_size, size=tuple(config.image_size),
                          device=device, source=config.source, sampler=data.sampler, instances=config.instances,
                          seed=config.seed, rank=rank, world=world)
     steps_per_epoch = min(len(source), config.steps_per_epoch or len(source))
     total_steps = config.epochs * steps_per_epoch
     last_step = min(total_steps, config.max_steps) if config.max_steps else total_steps
-    factors = lr_factors(config, steps_per_epoch)
-    optimizer = torch.optim.SGD(parameter_groups(model, config), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov)
+    groups = parameter_groups(model, config)
+    schedules = [lr_schedule(config, steps_per_epoch, group["base_lr"]) for group in groups]
+    reference_lr = lr_schedule(config, steps_per_epoch, config.lr)  # logged: a group at the peak ``lr``
+    optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     model, optimizer = accelerator.prepare(model, optimizer)
     checkpointer = Checkpointer(accelerator, out / CHECKPOINTS, config.keep_last, objects=[source])
     document = {"format": FORMAT, "config": dataclasses.asdict(config), "num_classes": data.num_classes,
-                "protocol": data.protocol}
-    start, history = 0, []
+                "protocol": data.protocol, "init": init}
+    start, history, best = 0, [], None
     if checkpoint is not None:
         state = checkpointer.load(checkpoint)
-        start, history = int(state["step"]), list(state.get("history", []))
+        start, history, best = int(state["step"]), list(state.get("history", [])), state.get("best")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(config_document(config))
+        if checkpoint is None:  # a fresh start: a best of an earlier attempt in this folder is not this run's
+            shutil.rmtree(out / BEST, ignore_errors=True)
+        if config.progress_bar:
+            tqdm.write(f"init: {init}")
     if trackers:
         accelerator.init_trackers("finetune")
     log = MetricsLogger(accelerator, out, start, bool(trackers))
     losses = LossCheck(accelerator, LOSS_NAMES)
-    views = FinetuneViews(tuple(config.image_size), pad=config.pad, flip_p=config.flip_p, erase_p=config.erase_p,
-                          normalization=config.normalization)
+    views = training_views(config)
     pids = data.pids.to(device)
     unknown_pid = torch.zeros((), dtype=torch.bool, device=device)
     bar = tqdm(total=last_step, initial=start, unit="step", dynamic_ncols=True,
@@ -601,9 +817,9 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
             generator = torch.Generator(device=device).manual_seed(seed_of(config.seed, step, rank))
             with torch.no_grad():
                 inputs = views(batch.images, generator)
-            lr_now = float(factors[step])
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_now
+            for group, values in zip(optimizer.param_groups, schedules):
+                group["lr"] = float(values[step])
+            lr_now = float(reference_lr[step])
             labels, foreign = class_labels(batch.pid, pids)
             unknown_pid |= foreign
             step_losses = training_step(model, optimizer, accelerator, config, inputs, batch.modality, labels)
@@ -613,10 +829,10 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
             if done % config.log_every == 0 or done == last_step:
                 check_pending(losses, unknown_pid)
                 means, rate = meter.means(), meter.images_per_s()
-                log.write({"kind": "step", "step": done, "epoch": epoch, "lr": lr_now * config.lr,
+                log.write({"kind": "step", "step": done, "epoch": epoch, "lr": lr_now,
                            "loss": means[0], "id_loss": means[1], "triplet_loss": means[2],
                            "images_per_s": rate}, done)
-                bar.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{rate:.0f}", lr=f"{lr_now * config.lr:.2e}")
+                bar.set_postfix(loss=f"{means[0]:.3f}", img_s=f"{rate:.0f}", lr=f"{lr_now:.2e}")
             bar.update(1)
             finished, epoch_done = done == last_step, done % steps_per_epoch == 0
             if not (finished or epoch_done):
@@ -624,30 +840,83 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
             check_pending(losses, unknown_pid)
             means = meter.means()
             history.append({"kind": "train", "epoch": epoch, "step": done, "loss": means[0], "id_loss": means[1],
-                            "triplet_loss": means[2], "lr": lr_now * config.lr,
-                            "images_per_s": meter.images_per_s()})
+                            "triplet_loss": means[2], "lr": lr_now, "images_per_s": meter.images_per_s()})
             log.write(history[-1], done)
-            if finished or (config.eval_every and (epoch + 1) % config.eval_every == 0):
-                results, evaluated = evaluate_model(accelerator, model, config, data.protocol), True
+            due = evaluation_due(config, epoch)
+            if finished or due:
+                # the selection evaluations score the trial-0 gallery only, as AGW; the last one is complete
+                trials = 1 if config.tracks_best and not finished else config.eval_trials
+                results, evaluated = evaluate_model(accelerator, model, config, data.protocol, trials), True
                 if accelerator.is_main_process:
                     history.append(_eval_record(results, epoch, done))
                     log.write(history[-1], done)
                     if not finished:  # the final results are printed by the caller, once
                         tqdm.write(_eval_line(results, epoch))  # above the bar, when there is one
+                    if config.tracks_best and due and (best is None or selection_rank1(results) > best["R1"]):
+                        best = {"epoch": epoch, "step": done, "R1": selection_rank1(results)}
+                        save_best(out / BEST, accelerator.unwrap_model(model), document, best)
                 accelerator.wait_for_everyone()
             if finished or (config.checkpoint_every_epochs and (epoch + 1) % config.checkpoint_every_epochs == 0):
                 check_pending(losses, unknown_pid)  # never a checkpoint after a non-finite loss
-                checkpoint = checkpointer.save({"step": done, "epoch": epoch, "history": history}, {DOCUMENT: document})
+                checkpoint = checkpointer.save({"step": done, "epoch": epoch, "history": history, "best": best},
+                                               {DOCUMENT: document})
     finally:
         bar.close()
     if not evaluated:  # resumed from a finished run: nothing left to train
         results = evaluate_model(accelerator, model, config, data.protocol)
+    last, best_results, best_epoch = results, [], None
+    if config.tracks_best:
+        best_results, best_epoch = evaluate_best(accelerator, model, config, data.protocol, out / BEST, last_step,
+                                                 last)
+    selected = "best_trial0" if config.tracks_best and best_results else "last"
     seconds = time.perf_counter() - started
     if accelerator.is_main_process:
-        report = {"results": [r.to_dict() for r in results], "checkpoint": str(checkpoint), "seconds": seconds}
-        (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+        write_results(out / "results.json", config, init, last, best_results, best_epoch, Path(checkpoint), seconds,
+                      history)
     accelerator.end_training()
-    return FinetuneResult(results, history, out, Path(checkpoint), seconds)
+    return FinetuneResult(best_results if selected == "best_trial0" else last, history, out, Path(checkpoint), seconds,
+                          selected, last, best_results, best_epoch)
+
+
+def evaluate_best(accelerator, model: nn.Module, config: FinetuneConfig, protocol: str, folder: Path, last_step: int,
+                  last: list[ProtocolResult]) -> tuple[list[ProtocolResult], Optional[int]]:
+    """The full evaluation of the best checkpoint (``folder``, written by process 0; every
+    process reads it) and its epoch; the last epoch's results when it is the best; ``([], None)``
+    when no periodic evaluation ran."""
+    accelerator.wait_for_everyone()
+    if not (folder / STATE_FILE).is_file():
+        return [], None
+    info = read_json(folder / STATE_FILE)
+    if int(info["step"]) == last_step:
+        return last, int(info["epoch"])
+    module: ReIDModel = accelerator.unwrap_model(model)
+    module.load_state_dict(load_model_state(folder))
+    return evaluate_model(accelerator, model, config, protocol, config.eval_trials), int(info["epoch"])
+
+
+def write_results(path: Path, config: FinetuneConfig, init: str, last: list[ProtocolResult],
+                  best: list[ProtocolResult], best_epoch: Optional[int], checkpoint: Path, seconds: float,
+                  history: list[dict]) -> None:
+    """``results.json``: ``results`` (the reported model's, ``selected``), ``last`` and, when the
+    best is tracked, ``best_trial0`` (its epoch, the trial-0 Rank-1 it was selected by, its folder),
+    each labelled."""
+    train_epochs = [h["epoch"] for h in history if h["kind"] == "train"]
+    selected = "best_trial0" if config.tracks_best and best else "last"
+    report: dict[str, Any] = {
+        "selected": selected,
+        "results": [r.to_dict() for r in (best if selected == "best_trial0" else last)],
+        "last": {"label": LAST_LABEL, "epoch": train_epochs[-1] if train_epochs else None,
+                 "checkpoint": str(checkpoint), "results": [r.to_dict() for r in last]},
+        "checkpoint": str(checkpoint), "init": init, "seconds": seconds}
+    if config.tracks_best:
+        folder = path.parent / BEST
+        info = read_json(folder / STATE_FILE) if (folder / STATE_FILE).is_file() else {}
+        report["best_trial0"] = {"label": BEST_LABEL, "epoch": best_epoch, "trial0_R1": info.get("R1"),
+                                 "checkpoint": str(folder) if info else None,
+                                 "results": [r.to_dict() for r in best]}
+        if selected == "best_trial0":
+            report["checkpoint"] = str(folder)
+    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,21 +977,25 @@ def load_for_evaluation(path: str | Path, device: str | torch.device | None = No
         if size and tuple(size) != tuple(config.image_size):
             raise UserError(f"--size {size[0]} {size[1]}: {folder} was fine-tuned at {config.image_size[0]}x"
                             f"{config.image_size[1]} and is evaluated at that size; --size is for exported backbones")
-        model = ReIDModel(create_backbone(config.arch, tuple(config.image_size)), int(document["num_classes"]))
+        model = build_model(config, int(document["num_classes"]))
         try:
             model.load_state_dict(load_model_state(folder))
         except RuntimeError as err:  # weights of another architecture
-            detail = [line.strip() for line in str(err).strip().splitlines()][1:2] or [str(err).strip()]
-            raise UserError(f"{folder}: its weights do not fit the {config.arch} model its config names, they come "
-                            f"from another architecture ({detail[0][:200]})") from None
+            net = f"{config.arch}{', non-local' if config.non_local else ''}, {config.neck} neck"
+            raise UserError(f"{folder}: its weights do not fit the {config.arch} model its config names ({net}), they "
+                            f"come from another architecture ({_first_line(err)})") from None
         which, image_size, normalization = config.eval_feature, tuple(config.image_size), config.normalization
         protocol = document.get("protocol")
         regdb_trial = config.regdb_trial if protocol in PROTOCOLS and PROTOCOLS[protocol].trained_per_trial else None
         description = f"fine-tuned {config.arch} ({folder})"
     else:
-        backbone, arch = backbone_from_file(path, size)
+        try:
+            backbone, arch = backbone_from_file(path, size)
+        except ValueError as err:  # a size the network cannot be built for (a ViT: its patch grid)
+            raise UserError(f"--size {size[0]} {size[1]}: {err}" if size else f"{path}: {err}") from None
         entry = backbone_entry(arch)
         image_size = tuple(size) if size else entry.input_size
+        check_eval_size(arch, image_size)
         model = ReIDModel(backbone, 1)
         which, normalization, regdb_trial = "pre_bn", entry.normalization, None
         description = f"exported {arch} backbone ({path})"
@@ -730,6 +1003,20 @@ def load_for_evaluation(path: str | Path, device: str | torch.device | None = No
     views = FinetuneViews(image_size, normalization=normalization)
     return LoadedModel(path, lambda v, m: model.embed(v, m, which), image_size, views.eval_views, device,
                        regdb_trial, description, model=model, feature=which, normalization=normalization)
+
+
+def check_eval_size(arch: str, size: tuple[int, int]) -> None:
+    """Refuse an input size an exported backbone cannot take (a ViT: multiples of its patch)."""
+    if min(size) < 16:
+        raise UserError(f"--size {size[0]} {size[1]} is too small (at least 16 x 16)")
+    if backbone_entry(arch).family == "vit" and (size[0] % 16 or size[1] % 16):
+        raise UserError(f"--size {size[0]} {size[1]}: a ViT needs multiples of its 16-pixel patch")
+
+
+def _first_line(err: Exception) -> str:
+    """The gist of a ``load_state_dict`` error (its first lines name the keys or shapes)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[1:2] or lines[:1])[:200]
 
 
 # --------------------------------------------------------------------------------------------
@@ -751,7 +1038,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--shards", metavar="DIR", help="shard folder built by `python -m shards build` (required), or an "
                                                         "http(s)://, s3://, gs:// or pipe: location of one: staged "
                                                         "on local disk (verified) first, then read like a local folder")
-    parser.add_argument("--init", metavar="PATH", help="an exported backbone (.pt / .safetensors), or `random` (required)")
+    parser.add_argument("--init", metavar="PATH", help="an exported backbone (.pt / .safetensors), an official PASS-reID "
+                        "file, imagenet:PATH (a torchvision / timm ResNet-50), or `random` (required)")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help=f"recipe (default: the --config file's, else {DEFAULT_PRESET})")
     parser.add_argument("--config", metavar="FILE",
@@ -786,15 +1074,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not config.shards or ("init" not in given and not (args.config and "init" in read_config_file(args.config))):
         raise UserError("pass --shards DIR (built by `python -m shards build`) and --init (an exported backbone, "
-                        "or random), or a --config file that has them; see --help")
+                        "imagenet:PATH or random), or a --config file that has them; see --help")
     try:
         result = run_finetune(config, resume=args.resume)
     except NonFiniteLoss as err:
         return non_finite_exit(err)
     if result.metrics:  # process 0; the bars are closed by now
-        print(format_table(result.metrics))
-        print(f"checkpoint: {result.checkpoint}\nresults: {result.output_dir / 'results.json'}")
+        print(report_text(result))
+        print(f"results: {result.output_dir / 'results.json'}")
     return 0
+
+
+def report_text(result: FinetuneResult) -> str:
+    """The final tables: the last epoch's, and with a tracked best both, side by side and labelled."""
+    if not result.best:
+        return f"{format_table(result.last or result.metrics)}\ncheckpoint: {result.checkpoint}"
+    last_epoch = next((h["epoch"] for h in reversed(result.history) if h["kind"] == "train"), None)
+    return "\n".join([
+        f"{LAST_LABEL} (epoch {last_epoch}, 0-based):", format_table(result.last),
+        f"checkpoint: {result.checkpoint}", "",
+        f"{BEST_LABEL} (epoch {result.best_epoch}, 0-based):", format_table(result.best),
+        f"checkpoint: {result.output_dir / BEST}", "",
+        f"reported (--select): {LAST_LABEL if result.selected == 'last' else BEST_LABEL}"])
 
 
 def entry_point() -> None:
