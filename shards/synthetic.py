@@ -1,8 +1,8 @@
 """The built-in synthetic dataset: people drawn with numpy/PIL, written in a public ReID layout.
 
-``python -m shards.synthetic --layout sysu-mm01|market1501 --out DIR`` writes real JPEG files
-with the folder and file naming of SYSU-MM01 or Market-1501 (DESIGN.md section 7), so every
-tool of the project reads it exactly like the real dataset:
+``python -m shards.synthetic --layout sysu-mm01|market1501|regdb --out DIR`` writes real image
+files with the folder and file naming of SYSU-MM01, Market-1501 or RegDB (DESIGN.md section 7),
+so every tool of the project reads it exactly like the real dataset:
 
 - SYSU-MM01: ``cam{1..6}/{pid:04d}/{n:04d}.jpg`` (RGB cameras 1, 2, 4, 5; IR cameras 3, 6 stored
   as 3-channel JPEGs with equal channels) and ``exp/{train,val,test}_id.txt``, one line of
@@ -10,6 +10,11 @@ tool of the project reads it exactly like the real dataset:
 - Market-1501: ``bounding_box_train/``, ``query/``, ``bounding_box_test/`` with names
   ``PPPP_cCsS_FFFFFF_NN.jpg``, 128x64 images, junk (pid ``-1``) and distractors (pid ``0000``)
   in the gallery.
+- RegDB: ``Visible/<pid>/`` and ``Thermal/<pid>/`` BMP files (128x64; ``images_per_id`` of each,
+  exactly, 10 in the real set; image n of both cameras shows the same moment) and
+  ``idx/{train,test}_{visible,thermal}_{1..10}.txt`` (lines ``relpath label``), every trial
+  splitting the identities in two random halves. The thermal camera sees heat
+  (:func:`shards.synthetic_people.thermal_brightness`), not near-infrared reflectance.
 
 Work is planned up front in the parent (which files, which cameras, which sizes: cheap and
 deterministic), then identities are rendered in parallel. Every image has its own seed derived
@@ -38,10 +43,13 @@ from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
 from shards.synthetic_people import Pose, make_identity, make_scene, render_image
 
-LAYOUTS = ("sysu-mm01", "market1501")
+LAYOUTS = ("sysu-mm01", "market1501", "regdb")
 SYSU_RGB_CAMERAS, SYSU_IR_CAMERAS = (1, 2, 4, 5), (3, 6)
 SYSU_OUTDOOR_CAMERAS = (4, 5, 6)
 MARKET_SIZE = (128, 64)  # (H, W), as the real dataset's resized detections
+REGDB_SIZE = (128, 64)  # (H, W): RegDB's crops are small, like Market's
+REGDB_CAMERAS = {"Visible": 1, "Thermal": 2}  # as shards/layouts/regdb.py numbers them
+REGDB_TRIALS = 10
 JUNK_PID, DISTRACTOR_PID = -1, 0
 
 
@@ -57,6 +65,8 @@ class LayoutDefaults:
 DEFAULTS = {
     "sysu-mm01": LayoutDefaults(ids=60, images_per_id=40, min_ids=3),  # one id per split at least
     "market1501": LayoutDefaults(ids=50, images_per_id=17, min_ids=2),  # one train, one test
+    # RegDB: 412 ids of 10 visible + 10 thermal images; every trial splits the ids in halves.
+    "regdb": LayoutDefaults(ids=40, images_per_id=10, min_ids=2),
 }
 # Tags keep the random streams of the plan apart from those of the drawings.
 _TAG_SPLIT, _TAG_PLAN, _TAG_IMAGE = 201, 202, 203
@@ -215,6 +225,38 @@ def plan_market(ids: int, images_per_id: int, seed: int) -> list[IdentityJob]:
     return jobs
 
 
+def plan_regdb(ids: int, images_per_id: int, seed: int) -> list[IdentityJob]:
+    """Identities 1..ids, each with exactly ``images_per_id`` visible and as many thermal images
+    (as the real set: 10 + 10), named like RegDB's ``female_back_v_06596_3.bmp`` /
+    ``..._t_...``. Image ``n`` of both cameras shares its seed: the pair shows the same moment,
+    as RegDB's co-located, synchronised cameras do. The split is per trial (:func:`regdb_trials`)."""
+    jobs = []
+    for pid in range(1, ids + 1):
+        rng = np.random.default_rng([seed, _TAG_PLAN, pid])
+        sex = str(rng.choice(["female", "male"]))
+        frames = np.sort(rng.choice(100_000, size=images_per_id, replace=False))
+        images = []
+        for n, frame in enumerate(frames, start=1):
+            view = str(rng.choice(["front", "back"]))
+            for folder, camera in REGDB_CAMERAS.items():
+                name = f"{sex}_{view}_{folder[0].lower()}_{frame:05d}_{n}.bmp"
+                images.append(ImageJob(f"{folder}/{pid}/{name}", camera, REGDB_SIZE,
+                                       (seed, _TAG_IMAGE, pid, n)))
+        jobs.append(IdentityJob(pid, "all", tuple(images)))
+    return jobs
+
+
+def regdb_trials(ids: int, seed: int, trials: int = REGDB_TRIALS) -> list[tuple[list[int], list[int]]]:
+    """(train ids, test ids) of each trial: a random half of the identities (rounded down, at
+    least one) trains, the rest tests, drawn anew for every trial as RegDB's 10 trials are."""
+    splits = []
+    for trial in range(1, trials + 1):
+        order = np.random.default_rng([seed, _TAG_SPLIT, trial]).permutation(np.arange(1, ids + 1))
+        half = max(1, ids // 2)
+        splits.append((sorted(order[:half].tolist()), sorted(order[half:].tolist())))
+    return splits
+
+
 # ---------------------------------------------------------------------------------------------
 # Rendering (worker processes)
 
@@ -233,6 +275,8 @@ def _render_job(seed: int, layout: str, pid: int, job: ImageJob) -> bytes:
     if layout == "sysu-mm01":
         scene = make_scene(seed, job.camera, job.camera in SYSU_IR_CAMERAS,
                            job.camera in SYSU_OUTDOOR_CAMERAS)
+    elif layout == "regdb":  # one outdoor camera pair; the thermal one sees heat
+        scene = make_scene(seed, 1, False, True, thermal=job.camera == REGDB_CAMERAS["Thermal"])
     else:
         # Market's six cameras all face one open campus area; alternate the background style.
         scene = make_scene(seed, job.camera, False, job.camera % 2 == 0)
@@ -244,7 +288,10 @@ def _render_job(seed: int, layout: str, pid: int, job: ImageJob) -> bytes:
     else:
         image = render_image(rng, None, scene, job.size)
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=int(rng.integers(80, 96)))
+    if layout == "regdb":
+        image.save(buffer, format="BMP")
+    else:
+        image.save(buffer, format="JPEG", quality=int(rng.integers(80, 96)))
     return buffer.getvalue()
 
 
@@ -285,6 +332,19 @@ def _write_sysu_lists(root: Path, jobs: list[IdentityJob]) -> None:
         (root / "exp" / f"{split}_id.txt").write_text(",".join(map(str, pids)) + "\n")
 
 
+def _write_regdb_lists(root: Path, jobs: list[IdentityJob], ids: int, seed: int) -> None:
+    """``idx/{train,test}_{visible,thermal}_{t}.txt``: lines ``relpath label``, the label being
+    the identity's index among the trial's train (or test) ids, as in the real lists."""
+    (root / "idx").mkdir(parents=True, exist_ok=True)
+    files = {job.pid: job.images for job in jobs}
+    for trial, split_ids in enumerate(regdb_trials(ids, seed), start=1):
+        for part, pids in zip(("train", "test"), split_ids):
+            for folder in REGDB_CAMERAS:
+                lines = [f"{image.relpath} {label}" for label, pid in enumerate(pids)
+                         for image in files[pid] if image.relpath.startswith(folder + "/")]
+                (root / "idx" / f"{part}_{folder.lower()}_{trial}.txt").write_text("\n".join(lines) + "\n")
+
+
 def _check_out(out: Path) -> None:
     """Refuse an ``--out`` that holds anything: never mix with or overwrite a user's files."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -296,7 +356,10 @@ def _summarise(layout: str, out: Path, jobs: list[IdentityJob], seconds: float) 
     """Counts of what the plan wrote."""
     people = [job for job in jobs if job.pid > 0]
     images = [image for job in jobs for image in job.images]
-    ir = sum(image.camera in SYSU_IR_CAMERAS for image in images) if layout == "sysu-mm01" else 0
+    if layout == "sysu-mm01":
+        ir = sum(image.camera in SYSU_IR_CAMERAS for image in images)
+    else:
+        ir = sum(image.camera == REGDB_CAMERAS["Thermal"] for image in images) if layout == "regdb" else 0
     if layout == "sysu-mm01":
         by_split = dict(Counter(job.split for job in people for _ in job.images))
     else:
@@ -315,7 +378,8 @@ def generate(layout: str, out: Path | str, ids: int | None = None, seed: int = 0
              progress: bool = False) -> GeneratedInfo:
     """Write a synthetic dataset in ``layout`` to ``out`` (which must not exist or be empty).
 
-    ``ids`` and ``images_per_id`` (the mean; each identity varies by +-30%) default to the
+    ``ids`` and ``images_per_id`` (the mean, each identity varying by +-30%; RegDB: exactly, per
+    camera) default to the
     layout's demo size; ``workers`` defaults to all cores. Workers are spawned processes, so a
     script calling this with more than one worker needs the ``if __name__ == "__main__"`` guard.
     Raises :class:`UserError` on bad input.
@@ -336,8 +400,8 @@ def generate(layout: str, out: Path | str, ids: int | None = None, seed: int = 0
     out = Path(out)
     _check_out(out)
     start = time.perf_counter()
-    jobs = plan_sysu(ids, images_per_id, seed) if layout == "sysu-mm01" \
-        else plan_market(ids, images_per_id, seed)
+    plans = {"sysu-mm01": plan_sysu, "market1501": plan_market, "regdb": plan_regdb}
+    jobs = plans[layout](ids, images_per_id, seed)
     staging = out.parent / f".{out.name}.partial"
     if staging.exists():  # left by an interrupted run of this same command
         shutil.rmtree(staging)
@@ -348,6 +412,8 @@ def generate(layout: str, out: Path | str, ids: int | None = None, seed: int = 0
     _run_tasks(tasks, max(1, min(workers or os.cpu_count() or 1, len(tasks))), progress)
     if layout == "sysu-mm01":
         _write_sysu_lists(staging, jobs)
+    elif layout == "regdb":
+        _write_regdb_lists(staging, jobs, ids, seed)
     if out.exists():
         out.rmdir()  # empty (checked above); rename cannot replace it on every system
     staging.rename(out)
@@ -362,7 +428,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m shards.synthetic",
         description="Write a synthetic person ReID dataset (real JPEG files) in the folder "
-                    "layout and file naming of SYSU-MM01 or Market-1501.",
+                    "layout and file naming of SYSU-MM01, Market-1501 or RegDB.",
         epilog="SYSU-MM01 size: --ids 491 --images-per-id 87 (about 34k train+val images).")
     parser.add_argument("--layout", required=True, choices=LAYOUTS,
                         help="which public dataset's layout to write")
@@ -372,7 +438,8 @@ def build_parser() -> ArgumentParser:
                         help="number of identities (default: "
                              + ", ".join(f"{k} {v.ids}" for k, v in DEFAULTS.items()) + ")")
     parser.add_argument("--images_per_id", type=int, default=None,
-                        help="mean images per identity, each varies by +-30%% (default: "
+                        help="mean images per identity, each varies by +-30%% (regdb: exactly, "
+                             "per camera; default: "
                              + ", ".join(f"{k} {v.images_per_id}" for k, v in DEFAULTS.items())
                              + ")")
     parser.add_argument("--seed", type=int, default=0,

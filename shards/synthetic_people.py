@@ -4,11 +4,24 @@ Every image is drawn in two steps. First a *label map* ``(H, W) uint8`` is paint
 pixel holds a slot number saying which surface it shows (wall, floor, a clutter object, skin, hair,
 upper garment, ...). Then the label map is shaded: an RGB image looks each slot up in a colour
 palette, an IR image looks it up in a reflectance palette. Both modalities therefore share the
-same geometry while their intensities come from different, fixed tables, which is what makes
-cross-modal matching learnable but not a matter of converting colour to grey.
+same geometry (build, pose, sleeves, skirt or trousers, hair, hat, bag) while their intensities
+differ.
+
+The IR rendering is one fixed function for every identity and seed, so a model can learn it on
+some identities and apply it to others: every garment and accessory is a *material class*
+(:data:`MATERIALS`: cotton, denim, wool, leather, synthetic; skin and hair) in a colour, and
+its near-infrared reflectance is :func:`infrared_reflectance` ``(material, colour)``, a
+caricature of real fabrics (indigo denim bright, black and blue cotton dark, wool bright,
+leather mid-grey, synthetic dyes dark, skin bright with a heat glow) that is not a monotone
+function of colour. The material shows in RGB as well: each class comes in its typical colours
+(denim blue or black, leather black or brown, synthetics bright) and has a surface texture
+drawn in both modalities (denim twill and fading, knit ribs, leather gloss and creases, quilted
+nylon seams); patterns and chest prints use colours that contrast in both. Per image: pose,
+side lighting, background clutter, occlusion, exposure, white balance or illuminator falloff,
+sensor noise and blur.
 
 Randomness is explicit: an identity is a pure function of ``(seed, pid)``, a camera scene of
-``(seed, camera)``, an image of the ``numpy`` generator handed to :func:`render_person`. Nothing
+``(seed, camera)``, an image of the ``numpy`` generator handed to :func:`render_image`. Nothing
 depends on process or call order, so the same seed gives the same bytes with any worker count.
 """
 
@@ -22,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # Tags keep the random streams of different purposes apart even when their other keys coincide.
-_TAG_WORLD, _TAG_IDENTITY, _TAG_SCENE = 101, 102, 103
+_TAG_IDENTITY, _TAG_SCENE = 102, 103
 
 # Label-map slots. Background: wall, floor and six clutter objects; then the person's surfaces.
 WALL, FLOOR = 0, 1
@@ -31,46 +44,117 @@ SKIN, HAIR, UPPER, LOWER, SHOES, HAT, BAG, OCCLUDER = range(8, 16)
 N_SLOTS = 16
 _BODY_SLOTS = (SKIN, HAIR, UPPER, LOWER, SHOES, HAT, BAG)
 
-# Clothing dyes: (RGB 0-255, how common). Dark colours dominate, as in street clothing. Identities
-# draw from this short list, so two identities often share a colour for some region.
-_DYES = np.array(
+# Colours (RGB 0-255) of dyes, leathers, skin and hair. Materials draw from short lists of them,
+# so two identities often share a colour for some region.
+_COLOURS = np.array(
     [(25, 25, 28), (60, 60, 66), (128, 128, 130), (190, 190, 188), (236, 234, 230), (30, 40, 90),
      (40, 90, 180), (130, 170, 220), (190, 35, 40), (110, 25, 35), (230, 140, 170), (230, 120, 40),
      (230, 200, 60), (200, 180, 140), (110, 75, 45), (110, 110, 60), (50, 140, 70), (30, 70, 45),
-     (110, 60, 140), (40, 130, 130)], dtype=np.float32) / 255.0
-_DYE_WEIGHTS = np.array([3, 2, 2, 1, 2, 2, 1.5, 1, 1, 1, 1, .7, .7, 1, 1, .7, .7, .7, .7, .7])
-_DYE_WEIGHTS = _DYE_WEIGHTS / _DYE_WEIGHTS.sum()
-# Fabric types: the same dye reflects near-infrared differently on a different fibre.
-COTTON, DENIM, SYNTHETIC, WOOL, LEATHER = range(5)
+     (110, 60, 140), (40, 130, 130), (70, 45, 30), (150, 95, 55)], dtype=np.float32) / 255.0
+BLACK, CHARCOAL, GREY, LIGHT_GREY, WHITE, NAVY, BLUE, LIGHT_BLUE, RED, BURGUNDY, PINK, ORANGE, \
+    YELLOW, BEIGE, BROWN, OLIVE, GREEN, DARK_GREEN, PURPLE, TEAL, DARK_BROWN, TAN = range(len(_COLOURS))
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# Material classes. Each has typical colours, a surface texture that shows in both modalities
+# (twill and fading, knit ribs, gloss, quilting) and its own near-infrared response.
+COTTON, DENIM, WOOL, LEATHER, SYNTHETIC, SKIN_MATERIAL, HAIR_MATERIAL = range(7)
+MATERIAL_NAMES = ("cotton", "denim", "wool", "leather", "synthetic", "skin", "hair")
+
+
+@dataclass(frozen=True)
+class MaterialClass:
+    """What a kind of material looks like in both modalities (one fixed table for every seed).
+
+    ``colours``/``weights``: the colours it comes in and how common each is; ``texture``: the
+    procedural surface (:func:`_texture_field`) and ``texture_amp`` its relative strength;
+    ``gloss``: strength of the specular highlight added in both modalities; ``ir``: ``(4,)``
+    coefficients of the near-infrared reflectance ``c0 + c . rgb`` (clipped to [0.03, 0.97]);
+    ``heat``: brightness in a thermal (far-infrared) camera, which sees emitted heat: skin
+    hottest, thin fabrics warm, thick or insulating ones (wool, leather) cool, whatever the dye.
+    """
+
+    name: str
+    colours: tuple[int, ...]
+    weights: tuple[float, ...]
+    texture: str
+    texture_amp: float
+    gloss: float
+    ir: tuple[float, float, float, float]
+    heat: float
+
+
+# The near-infrared responses are a caricature of real fabric behaviour: most cotton dyes pass
+# near-infrared (red and warm dyes bright, blue/green/black dark), indigo is transparent (denim
+# bright, black denim dark), wool is bright, leather mid-grey whatever its colour, synthetic
+# (disperse) dyes dark. The result is not a monotone function of colour, but it is one function:
+# a model that learns it on some identities can apply it to others.
+MATERIALS = (
+    MaterialClass("cotton", tuple(range(20)),
+                  (3, 2, 2, 1, 2, 2, 1.5, 1, 1, 1, 1, .7, .7, 1, 1, .7, .7, .7, .7, .7),
+                  "weave", 0.10, 0.0, (0.12, 0.78, 0.12, -0.22), 0.6),
+    MaterialClass("denim", (NAVY, BLUE, LIGHT_BLUE, BLACK, CHARCOAL), (3, 3, 1.5, 1.5, 1),
+                  "twill", 0.22, 0.0, (0.08, -0.25, 0.0, 1.05), 0.5),
+    MaterialClass("wool", (CHARCOAL, GREY, BEIGE, BROWN, DARK_GREEN, NAVY, BURGUNDY, OLIVE),
+                  (2, 1.5, 1.5, 1, 1, 1.5, 1, 1), "ribs", 0.28, 0.0, (0.5, 0.2, 0.2, 0.0), 0.3),
+    MaterialClass("leather", (BLACK, DARK_BROWN, BROWN, TAN, BURGUNDY), (4, 2, 1.5, 1, 0.5),
+                  "creases", 0.12, 0.45, (0.38, 0.3, 0.0, -0.1), 0.38),
+    MaterialClass("synthetic", (RED, ORANGE, YELLOW, GREEN, PINK, PURPLE, TEAL, BLUE, WHITE, BLACK),
+                  (1.5, 1, 1, 1, 1, 1, 1, 1.5, 1.5, 2), "quilting", 0.2, 0.25,
+                  (0.1, 0.1, 0.4, -0.05), 0.52),
+    MaterialClass("skin", (), (), "none", 0.0, 0.1, (0.88, -0.05, -0.05, 0.0), 0.95),
+    MaterialClass("hair", (), (), "strands", 0.15, 0.15, (0.3, 0.5, 0.0, 0.0), 0.42),
+)
+# Which materials each body region is made of, and how often (upper, lower, shoes, hat, bag).
+_REGION_MATERIALS = {
+    "upper": ((COTTON, SYNTHETIC, WOOL, LEATHER, DENIM), (0.42, 0.22, 0.2, 0.08, 0.08)),
+    "lower": ((DENIM, COTTON, SYNTHETIC, WOOL), (0.5, 0.25, 0.15, 0.1)),
+    "shoes": ((LEATHER, SYNTHETIC, COTTON), (0.45, 0.35, 0.2)),
+    "hat": ((COTTON, WOOL, SYNTHETIC), (0.4, 0.35, 0.25)),
+    "bag": ((SYNTHETIC, LEATHER, COTTON), (0.55, 0.3, 0.15)),
+}
 _HAIR_COLOURS = np.array(
     [(20, 16, 14), (55, 35, 25), (100, 70, 40), (200, 170, 110), (150, 150, 150)],
     dtype=np.float32) / 255.0
 _SKIN_TONES = np.array([(240, 200, 170), (220, 170, 130), (180, 130, 90), (120, 80, 55)],
                        dtype=np.float32) / 255.0
-_PATTERNS = ("plain", "hstripes", "vstripes", "checks", "dots")
+# Patterns by region: (names, probabilities). A "print" is a logo or number on the chest/back.
+_PATTERNS = ("plain", "hstripes", "vstripes", "checks", "dots", "print")
+_REGION_PATTERNS = {
+    "upper": (0.45, 0.15, 0.07, 0.09, 0.07, 0.17),
+    "lower": (0.85, 0, 0.1, 0.05, 0, 0),
+    "shoes": (1, 0, 0, 0, 0, 0),
+    "hat": (1, 0, 0, 0, 0, 0),
+    "bag": (0.8, 0.2, 0, 0, 0, 0),
+}
+# A pattern must show in both modalities: its two colours differ at least this much in each.
+_MIN_PATTERN_CONTRAST = 0.15
 
 
-@dataclass(frozen=True)
-class World:
-    """The fixed physics of one seed: near-infrared reflectance of every dye on every fabric.
+def thermal_brightness(material: int, rgb: np.ndarray) -> float:
+    """Brightness in a thermal camera of ``material`` in colour ``rgb`` ``(3,)``: the class's
+    heat, a little more for dark colours (they absorb more light and run warmer)."""
+    return float(MATERIALS[material].heat + 0.08 * (1.0 - float(rgb @ _LUMA)))
 
-    ``dye_ir``: ``(5 fabrics, 20 dyes)`` in [0, 1]; ``hair_ir``: ``(5 hair colours,)``. Mostly
-    random, with only a weak luminance term, so IR intensity is not a monotone function of colour
-    (real near-infrared shows many black dyes bright and many light ones dark).
+
+def infrared_reflectance(material: int, rgb: np.ndarray) -> float:
+    """Near-infrared reflectance in [0.03, 0.97] of ``material`` in colour ``rgb`` ``(3,)``.
+
+    The single RGB -> IR rule of the synthetic world: the same for every identity and seed.
     """
-
-    dye_ir: np.ndarray
-    hair_ir: np.ndarray
+    c0, cr, cg, cb = MATERIALS[material].ir
+    return float(np.clip(c0 + cr * rgb[0] + cg * rgb[1] + cb * rgb[2], 0.03, 0.97))
 
 
 @dataclass(frozen=True)
 class Material:
-    """One surface of an identity: a dye (or two, for a pattern) on a fabric.
+    """One surface of an identity: a material class in a colour (or two, for a pattern).
 
-    ``rgb``/``rgb2``: ``(3,)`` float in [0, 1]; ``ir``/``ir2``: reflectance in [0, 1]; ``period``:
-    pattern period as a fraction of the person's height.
+    ``rgb``/``rgb2``: ``(3,)`` float in [0, 1]; ``ir``/``ir2``: their near-infrared reflectance
+    (:func:`infrared_reflectance`); ``period``: pattern period as a fraction of the person's
+    height.
     """
 
+    kind: int
     rgb: np.ndarray
     ir: float
     pattern: str = "plain"
@@ -115,46 +199,55 @@ class Scene:
     horizon: float  # where the floor starts, as a fraction of the image height
     clutter: int  # mean number of clutter objects per image
     cast: np.ndarray
+    thermal: bool = False  # a far-infrared camera (RegDB); ``infrared`` is active near-infrared
 
 
-@lru_cache(maxsize=8)
-def make_world(seed: int) -> World:
-    """The reflectance tables of ``seed`` (cached: every image of a seed uses the same world)."""
-    rng = np.random.default_rng([seed, _TAG_WORLD])
-    luminance = _DYES @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    dye_ir = np.clip(0.2 * luminance + rng.uniform(0.08, 0.8, size=(5, len(_DYES))), 0.05, 0.95)
-    hair_ir = rng.uniform(0.1, 0.5, len(_HAIR_COLOURS))
-    return World(dye_ir=dye_ir.astype(np.float32), hair_ir=hair_ir)
+def _pick(rng: np.random.Generator, options: tuple, weights: tuple) -> int:
+    p = np.asarray(weights, dtype=np.float64)
+    return int(options[rng.choice(len(options), p=p / p.sum())])
 
 
-def _garment(rng: np.random.Generator, world: World, fabrics: tuple[int, ...],
-             pattern_p: tuple[float, ...]) -> Material:
-    """A garment: a dye on one of ``fabrics``, maybe patterned with a second dye."""
-    fabric = int(rng.choice(fabrics))
-    dye, dye2 = rng.choice(len(_DYES), size=2, replace=False, p=_DYE_WEIGHTS)
-    # A small per-identity shade jitter: two identities with the same dye are close, not equal.
-    rgb = np.clip(_DYES[dye] + rng.normal(0, 0.03, 3), 0, 1).astype(np.float32)
-    pattern = _PATTERNS[rng.choice(len(_PATTERNS), p=pattern_p)]
-    return Material(rgb=rgb, ir=float(world.dye_ir[fabric, dye]), pattern=pattern,
-                    rgb2=_DYES[dye2], ir2=float(world.dye_ir[fabric, dye2]),
-                    period=float(rng.uniform(0.03, 0.07)))
+def _garment(rng: np.random.Generator, region: str) -> Material:
+    """A garment or accessory of ``region``: a material class in one of its colours, maybe
+    patterned with a second colour that contrasts in RGB and in IR alike."""
+    kind = _pick(rng, *_REGION_MATERIALS[region])
+    material = MATERIALS[kind]
+    colour = _pick(rng, material.colours, material.weights)
+    # A small per-identity shade jitter: two identities with the same colour are close, not equal.
+    rgb = np.clip(_COLOURS[colour] + rng.normal(0, 0.03, 3), 0, 1).astype(np.float32)
+    ir = infrared_reflectance(kind, rgb)
+    pattern = _PATTERNS[rng.choice(len(_PATTERNS), p=_REGION_PATTERNS[region])]
+    rgb2, ir2 = None, 0.0
+    if pattern != "plain":
+        # Prints and stripes are any dye on the garment's material; keep one that shows in both.
+        for second in rng.permutation(len(_COLOURS)):
+            rgb2 = _COLOURS[second]
+            ir2 = infrared_reflectance(kind, rgb2)
+            if (abs(float((rgb2 - rgb) @ _LUMA)) >= _MIN_PATTERN_CONTRAST
+                    and abs(ir2 - ir) >= _MIN_PATTERN_CONTRAST):
+                break
+        else:
+            pattern, rgb2, ir2 = "plain", None, 0.0
+    return Material(kind=kind, rgb=rgb, ir=ir, pattern=pattern, rgb2=rgb2, ir2=ir2,
+                    period=float(rng.uniform(0.035, 0.07)))
 
 
+@lru_cache(maxsize=1024)
 def make_identity(seed: int, pid: int) -> Identity:
-    """The appearance of identity ``pid`` under ``seed``; a pure function of both."""
+    """The appearance of identity ``pid`` under ``seed``; a pure function of both (cached: a
+    worker renders all images of an identity in a row)."""
     rng = np.random.default_rng([seed, _TAG_IDENTITY, pid + 2])  # +2: junk pid -1 stays >= 0
-    world = make_world(seed)
-    hair = int(rng.integers(len(_HAIR_COLOURS)))
+    hair = _HAIR_COLOURS[rng.integers(len(_HAIR_COLOURS))]
     skin = _SKIN_TONES[rng.integers(len(_SKIN_TONES))]
     materials = {
-        # Skin is bright in near-infrared whatever its colour; body heat adds a glow at render.
-        SKIN: Material(rgb=skin, ir=float(rng.uniform(0.7, 0.8))),
-        HAIR: Material(rgb=_HAIR_COLOURS[hair], ir=float(world.hair_ir[hair])),
-        UPPER: _garment(rng, world, (COTTON, SYNTHETIC, WOOL), (0.55, 0.17, 0.08, 0.1, 0.1)),
-        LOWER: _garment(rng, world, (DENIM, COTTON, SYNTHETIC), (0.85, 0, 0.1, 0.05, 0)),
-        SHOES: _garment(rng, world, (LEATHER, SYNTHETIC, COTTON), (1, 0, 0, 0, 0)),
-        HAT: _garment(rng, world, (COTTON, WOOL), (1, 0, 0, 0, 0)),
-        BAG: _garment(rng, world, (SYNTHETIC, LEATHER), (0.85, 0.15, 0, 0, 0)),
+        # Skin is bright in near-infrared whatever its tone; body heat adds a glow at render.
+        SKIN: Material(SKIN_MATERIAL, skin, infrared_reflectance(SKIN_MATERIAL, skin)),
+        HAIR: Material(HAIR_MATERIAL, hair, infrared_reflectance(HAIR_MATERIAL, hair)),
+        UPPER: _garment(rng, "upper"),
+        LOWER: _garment(rng, "lower"),
+        SHOES: _garment(rng, "shoes"),
+        HAT: _garment(rng, "hat"),
+        BAG: _garment(rng, "bag"),
     }
     return Identity(
         pid=pid, stature=float(rng.uniform(0.9, 1.04)), build=float(rng.uniform(0.82, 1.22)),
@@ -167,8 +260,9 @@ def make_identity(seed: int, pid: int) -> Identity:
 
 
 @lru_cache(maxsize=64)
-def make_scene(seed: int, camera: int, infrared: bool, outdoor: bool) -> Scene:
-    """The background of one camera: indoor scenes are muted and warm, outdoor ones greener."""
+def make_scene(seed: int, camera: int, infrared: bool, outdoor: bool, thermal: bool = False) -> Scene:
+    """The background of one camera: indoor scenes are muted and warm, outdoor ones greener.
+    A thermal camera (``thermal``) sees the background's IR values as its (cool) temperatures."""
     rng = np.random.default_rng([seed, _TAG_SCENE, camera])
     if outdoor:
         base = np.array([[0.45, 0.5, 0.45], [0.35, 0.45, 0.3], [0.55, 0.55, 0.58]], np.float32)
@@ -183,7 +277,7 @@ def make_scene(seed: int, camera: int, infrared: bool, outdoor: bool) -> Scene:
         palette=palette.astype(np.float32), wall_ir=float(rng.uniform(0.1, 0.35)),
         floor_ir=float(rng.uniform(0.15, 0.45)), palette_ir=rng.uniform(0.05, 0.7, 6),
         horizon=float(rng.uniform(0.55, 0.8)), clutter=int(rng.integers(2, 7)),
-        cast=(1 + rng.normal(0, 0.06, 3)).astype(np.float32))
+        cast=(1 + rng.normal(0, 0.06, 3)).astype(np.float32), thermal=thermal)
 
 
 @dataclass(frozen=True)
@@ -328,17 +422,26 @@ def _draw_person(draw: ImageDraw.ImageDraw, ident: Identity, pose: Pose) -> None
         draw.rectangle((*at(-0.065, 0.03), *at(0.065 + (0.03 if side else 0), 0.045)), fill=HAT)
 
 
-def _pattern_mask(material: Material, pose: Pose, size: tuple[int, int]) -> np.ndarray | None:
-    """``(H, W)`` bool: where a patterned material shows its second dye (None when plain).
-
-    Coordinates are relative to the body, so stripes stay the same size as the person scales.
-    """
-    if material.pattern == "plain":
-        return None
+def _body_coords(pose: Pose, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(W,)`` and ``(H,)`` float32 coordinates relative to the body, in units of its height:
+    textures and patterns stay the same size on the body as the person scales."""
     h, w = size
-    period = material.period * pose.height
-    u = ((np.arange(w, dtype=np.float32) - pose.cx) / period) % 1.0  # (W,)
-    v = ((np.arange(h, dtype=np.float32) - pose.top) / period) % 1.0  # (H,)
+    u = (np.arange(w, dtype=np.float32) - pose.cx) / pose.height
+    v = (np.arange(h, dtype=np.float32) - pose.top) / pose.height
+    return u, v
+
+
+def _pattern_mask(material: Material, pose: Pose, size: tuple[int, int]) -> np.ndarray | None:
+    """``(H, W)`` bool: where a patterned material shows its second colour (None when plain).
+
+    A print is a block on the chest (front) or back; it is not seen from the side.
+    """
+    if material.pattern == "plain" or (material.pattern == "print" and pose.view == "side"):
+        return None
+    u, v = _body_coords(pose, size)
+    if material.pattern == "print":
+        return (np.abs(v - 0.3) < 0.045)[:, None] & (np.abs(u) < 0.055)[None, :]
+    u, v = (u / material.period) % 1.0, (v / material.period) % 1.0
     if material.pattern == "hstripes":
         return np.broadcast_to((v < 0.4)[:, None], size)
     if material.pattern == "vstripes":
@@ -356,11 +459,43 @@ def _smooth_noise(rng: np.random.Generator, size: tuple[int, int], cells: int) -
     return np.asarray(big, dtype=np.float32) / 127.5 - 1.0
 
 
-def _body_shading(labels: np.ndarray, pose: Pose) -> np.ndarray:
-    """``(H, W)`` float32 gain: bodies are rounder (darker at their left/right edges)."""
+def _texture_field(texture: str, rng: np.random.Generator, pose: Pose, size: tuple[int, int]
+                   ) -> np.ndarray | None:
+    """``(H, W)`` float32 in about [-1, 1]: the surface texture of a material class (None: flat).
+
+    Scales are fractions of the body height, coarse enough to survive a 96x48 training input.
+    """
+    u, v = _body_coords(pose, size)
+    cells = max(2, round(0.04 * pose.height))
+    if texture == "weave":  # cotton: soft wrinkles
+        return _smooth_noise(rng, size, cells)
+    if texture == "twill":  # denim: diagonal twill plus faded, lighter patches
+        twill = np.sin((u[None, :] + v[:, None]) * (2 * np.pi / 0.02))
+        return 0.35 * twill + 0.9 * np.abs(_smooth_noise(rng, size, 2 * cells))
+    if texture == "ribs":  # knitted wool: vertical ribs
+        return np.broadcast_to(np.sin(u * (2 * np.pi / 0.035))[None, :], size)
+    if texture == "creases":  # leather: a few sharp creases
+        return -np.abs(_smooth_noise(rng, size, cells)) ** 3
+    if texture == "quilting":  # nylon: dark horizontal seams of a quilted jacket
+        return np.broadcast_to(np.where((v / 0.06) % 1.0 < 0.18, -1.0, 0.2)[:, None], size)
+    if texture == "strands":  # hair: fine vertical strands
+        return np.broadcast_to(np.sin(u * (2 * np.pi / 0.012))[None, :], size)
+    return None
+
+
+def _gloss(pose: Pose, size: tuple[int, int]) -> np.ndarray:
+    """``(1, W)`` float32 in [0, 1]: a specular highlight down one side of the rounded body."""
+    u, _ = _body_coords(pose, size)
+    return np.exp(-(((u / 0.14) - 0.35) / 0.2) ** 2)[None, :].astype(np.float32)
+
+
+def _lighting(labels: np.ndarray, pose: Pose, rng: np.random.Generator) -> np.ndarray:
+    """``(H, W)`` float32 gain: bodies are rounder (darker at their left/right edges) and lit from
+    one side, by a different amount in every image."""
     w = labels.shape[1]
     dx = (np.arange(w, dtype=np.float32) - pose.cx) / (0.14 * pose.height)
-    gain = np.clip(1.0 - 0.35 * dx**2, 0.6, 1.0)[None, :]
+    side = np.float32(rng.uniform(-0.2, 0.2))
+    gain = np.clip(1.0 - 0.35 * dx**2 + side * np.clip(dx, -1, 1), 0.5, 1.2)[None, :]
     is_body = np.isin(labels, _BODY_SLOTS)
     return np.where(is_body, gain, 1.0).astype(np.float32)
 
@@ -384,18 +519,35 @@ def _palettes(ident: Identity | None, scene: Scene, rng: np.random.Generator
 
 
 def _shade(labels: np.ndarray, table: np.ndarray, ident: Identity | None, pose: Pose,
-           infrared: bool) -> np.ndarray:
-    """Look the label map up in ``table`` and apply patterns: ``(H, W, C)`` float32 (C = 3 or 1)."""
+           modality: str, rng: np.random.Generator) -> np.ndarray:
+    """Look the label map up in ``table`` and dress each body surface in its material: pattern,
+    texture and gloss, the same in the ``rgb`` and ``ir`` modalities; a ``thermal`` camera sees
+    heat, so no dye pattern and no gloss, and only half the texture. ``(H, W, C)`` float32
+    (C = 3 or 1)."""
     image = table[labels]
     if ident is None:
         return image
+    # Whole-image np.where passes: faster than masked assignment on these small images.
+    texture = np.ones(labels.shape, np.float32)
+    shine = np.zeros(labels.shape, np.float32)
     for slot, material in ident.materials.items():
-        mask = _pattern_mask(material, pose, labels.shape)
-        if mask is None:
+        where = labels == slot
+        if not where.any():
             continue
-        second = np.float32(material.ir2) if infrared else material.rgb2
-        image[mask & (labels == slot)] = second
-    return image
+        thermal = modality == "thermal"
+        mask = None if thermal else _pattern_mask(material, pose, labels.shape)
+        if mask is not None:
+            second = np.float32(material.ir2) if modality == "ir" else material.rgb2
+            image = np.where((mask & where)[..., None], second, image)
+        kind = MATERIALS[material.kind]
+        field = _texture_field(kind.texture, rng, pose, labels.shape)
+        if field is not None:
+            amp = kind.texture_amp * (0.5 if thermal else 1.0)
+            texture = np.where(where, 1.0 + amp * field, texture)
+        if kind.gloss and not thermal:
+            shine = np.where(where, kind.gloss * _gloss(pose, labels.shape), shine)
+    image = image * texture[..., None]
+    return image + shine[..., None] * (1.0 - image)
 
 
 def _occlude(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: tuple[int, int]) -> None:
@@ -459,6 +611,29 @@ def _finish_ir(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray) 
     return grey.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.4))).convert("RGB")
 
 
+def _heat_table(ident: Identity | None, ir_table: np.ndarray) -> np.ndarray:
+    """Per-slot thermal brightness ``(N_SLOTS,)``: the background is cool (its IR values,
+    halved), the body's surfaces follow :func:`thermal_brightness`."""
+    heat = (ir_table * 0.5).astype(np.float32)
+    if ident is not None:
+        for slot, material in ident.materials.items():
+            heat[slot] = thermal_brightness(material.kind, material.rgb)
+    return heat
+
+
+def _finish_thermal(rng: np.random.Generator, image: np.ndarray, labels: np.ndarray) -> Image.Image:
+    """A thermal camera on ``(H, W)`` heat: warmth spreading around the body, automatic gain,
+    low-resolution optics. Returns an RGB image with three equal channels."""
+    h, w = labels.shape
+    body = Image.fromarray((np.isin(labels, _BODY_SLOTS) * 255).astype(np.uint8))
+    halo = np.asarray(body.filter(ImageFilter.GaussianBlur(max(1.0, w / 20))), np.float32) / 255
+    image = np.maximum(image, 0.45 * halo)
+    image = (image - image.mean()) * rng.uniform(0.8, 1.3) + image.mean() * rng.uniform(0.85, 1.15)
+    image = image + rng.normal(0, rng.uniform(0.01, 0.03), image.shape).astype(np.float32)
+    grey = Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), "L")
+    return grey.filter(ImageFilter.GaussianBlur(rng.uniform(1.0, 1.8))).convert("RGB")
+
+
 def render_image(rng: np.random.Generator, ident: Identity | None, scene: Scene,
                  size: tuple[int, int], pose: Pose | None = None) -> Image.Image:
     """One ``(H, W)`` image of ``ident`` (or of the empty scene when None) seen by ``scene``.
@@ -471,11 +646,18 @@ def render_image(rng: np.random.Generator, ident: Identity | None, scene: Scene,
     rgb_table, ir_table = _palettes(ident, scene, rng)
     # A pose is still needed for shading an empty scene; an off-canvas one changes nothing.
     pose = pose or Pose(cx=-1e4, top=0, height=size[0], view="front", arm_swing=0, stride=0)
-    if scene.infrared:
-        reflectance = _shade(labels, ir_table[:, None], ident, pose, infrared=True)[..., 0]
-        image = _finish_ir(rng, reflectance * _body_shading(labels, pose), labels)
-    else:
-        colour = _shade(labels, rgb_table, ident, pose, infrared=False)
-        image = _finish_rgb(rng, colour * _body_shading(labels, pose)[..., None], scene)
+    light = _lighting(labels, pose, rng)
     # Half the people walk the other way (the drawing itself always faces right).
-    return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+    flip = rng.random() < 0.5
+    # Every random draw above is shared by the modalities: the same stream gives a visible and a
+    # thermal image of the same moment (RegDB's cameras are co-located and synchronised).
+    if scene.thermal:
+        heat = _shade(labels, _heat_table(ident, ir_table)[:, None], ident, pose, "thermal", rng)[..., 0]
+        image = _finish_thermal(rng, heat, labels)
+    elif scene.infrared:
+        reflectance = _shade(labels, ir_table[:, None], ident, pose, "ir", rng)[..., 0]
+        image = _finish_ir(rng, reflectance * light, labels)
+    else:
+        colour = _shade(labels, rgb_table, ident, pose, "rgb", rng)
+        image = _finish_rgb(rng, colour * light[..., None], scene)
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if flip else image
