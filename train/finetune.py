@@ -48,6 +48,16 @@ with this project's module names (:mod:`models.resnet` / :mod:`models.vit`, as `
 --format native`` writes), possibly nested under ``state_dict`` / ``model`` / ``backbone`` or prefixed
 ``backbone.`` / ``module.``. Every backbone weight must be present: missing or unexpected keys
 are an error naming them. Only the backbone is loaded; BNNeck and classifier start fresh.
+``imagenet:FILE``: an ImageNet ResNet-50 state dict in torchvision / timm keys
+(:func:`models.imagenet.load_imagenet`; both stems of a two-stream backbone get its stem), the
+AGW baseline's initialisation (with AGW's backbone lr factor 0.1, meant for it).
+
+Label-scarce fine-tuning (``--label_fraction F``): only ``round(F x training ids)`` identities,
+drawn by ``--seed`` (:func:`labelled_ids`), are sampled and classified; the other training
+images are unused here (a self-supervised pre-training may have seen them without labels).
+
+On SYSU-layout shards ``results.json`` also holds ``same_modality``: RGB->RGB retrieval (other
+camera) among the test identities' RGB images, a reference figure beside the protocol's.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -71,16 +82,25 @@ from tqdm.auto import tqdm
 
 from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
+from models.imagenet import load_imagenet
 from models.registry import backbone_entry, create_backbone
 from models.reid import ReIDModel
 from models.weights import backbone_from_file, load_backbone_weights
-from pipelines.samplers import CrossModalSampler
+from pipelines.samplers import CrossModalSampler, IdentitySampler
 from pipelines.sources import make_source
 from pipelines.sources.base import seed_of
 from pipelines.views.finetune import FinetuneViews
 from shards.manifest import Manifest, load_manifest
 from train.checkpointing import CHECKPOINTS, Checkpointer, load_model_state, read_json, resolve_checkpoint
-from train.evaluation.protocols import PROTOCOLS, ProtocolResult, check_protocol, default_protocol, evaluate, format_table
+from train.evaluation.protocols import (
+    PROTOCOLS,
+    ProtocolResult,
+    check_protocol,
+    default_protocol,
+    evaluate,
+    format_table,
+    same_modality,
+)
 from train.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
 from train.runtime import (
     EXIT_STATUS_HELP,
@@ -110,6 +130,9 @@ CONFIG_FILE = "config.json"
 #: The losses logged and checked every ``log_every`` steps, in this order.
 LOSS_NAMES = ("loss", "id_loss", "triplet_loss")
 
+#: ``--init imagenet:FILE``: the backbone starts from an ImageNet ResNet-50 file (the AGW baseline).
+IMAGENET_INIT = "imagenet:"
+
 # --------------------------------------------------------------------------------------------
 # Configuration and presets
 # --------------------------------------------------------------------------------------------
@@ -125,7 +148,8 @@ class FinetuneConfig:
 
     # data and model
     shards: str = setting("", "shard folder built by ``python -m shards build``")
-    init: str = setting("random", "``random`` or a backbone file (module docstring)")
+    init: str = setting("random", "``random``, a backbone file (module docstring), or ``imagenet:FILE`` (an "
+                        "ImageNet ResNet-50 state dict, torchvision/timm keys: models.imagenet)")
     arch: Arch = setting("resnet50_two_stream", "backbone architecture")
     image_size: tuple[int, int] = setting((288, 144), "training and test input, height,width")
     normalization: Literal["imagenet", "half"] = setting("imagenet", "input normalization: ImageNet mean/std, "
@@ -140,6 +164,9 @@ class FinetuneConfig:
     source: Literal["auto", "dali", "wds", "cache"] = setting("cache", "image source; identity samplers need the "
                                                               "cache (see pipelines.sources.make_source)")
     regdb_trial: int = setting(1, "RegDB: which trial's training identities to train on")
+    label_fraction: float = setting(1.0, "train on the labels of this fraction of the training identities (the "
+                                    "label-scarce setting; which ones: drawn by --seed, so equal seeds pick the "
+                                    "same identities); 1: all")
     # loss
     triplet: Literal["weighted", "batch_hard", "soft"] = setting("weighted", "triplet loss: weighted-regularization "
                                                                  "(AGW), batch_hard with margin, or soft (batch-hard, "
@@ -211,6 +238,8 @@ class FinetuneConfig:
             raise UserError(f"--image_size {self.image_size} is too small (at least 16 x 16)")
         if backbone_entry(self.arch).family == "vit" and (self.image_size[0] % 16 or self.image_size[1] % 16):
             raise UserError(f"--image_size {self.image_size}: a ViT needs multiples of its 16-pixel patch")
+        if not 0 < self.label_fraction <= 1:
+            raise UserError(f"--label_fraction {self.label_fraction}: expected a fraction in (0, 1]")
         if self.warmup_epochs > self.epochs:
             raise UserError(f"--warmup_epochs {self.warmup_epochs} is longer than the run ({self.epochs} epochs)")
 
@@ -343,12 +372,38 @@ def training_data(config: FinetuneConfig, manifest: Manifest, rank: int, world: 
         return TrainingData("all", protocol, pids, regdb_sampler)
     if not manifest.shards_of("train"):
         raise UserError(f"{config.shards} has no 'train' split to fine-tune on")
-    pids = torch.tensor(sorted(manifest.pid_to_label), dtype=torch.int64)
+    pids = torch.tensor(labelled_ids(sorted(manifest.pid_to_label), config.label_fraction, config.seed),
+                        dtype=torch.int64)
     if config.sampler == "cross_modal" and set(manifest.splits["train"].modalities) != {"rgb", "ir"}:
         have = ", ".join(manifest.splits["train"].modalities) or "none"
         raise UserError(f"the cross-modal sampler needs RGB and infrared training images; {config.shards} has: {have} "
                         "(use --sampler identity for RGB-only data)")
-    return TrainingData("train", protocol, pids, config.sampler)
+    if config.label_fraction >= 1:
+        return TrainingData("train", protocol, pids, config.sampler)
+    if len(pids) < config.ids_per_batch:
+        raise UserError(f"--label_fraction {config.label_fraction} keeps {len(pids)} identities, fewer than a batch's "
+                        f"{config.ids_per_batch} (--ids_per_batch)")
+
+    def labelled_sampler(cached):
+        # Only the labelled identities' images are drawn (the others are the unlabelled pool).
+        keep = torch.isin(cached.pid.cpu(), pids)
+        if config.sampler == "cross_modal":
+            modality = cached.modality.cpu().masked_fill(~keep, -1)  # a code the sampler ignores
+            return CrossModalSampler(cached.pid.cpu(), modality, config.batch_size, config.instances,
+                                     seed=config.seed, rank=rank, world=world)
+        return IdentitySampler(cached.pid.cpu(), config.batch_size, config.instances, seed=config.seed, rank=rank,
+                               world=world, keep=keep)
+
+    return TrainingData("train", protocol, pids, labelled_sampler)
+
+
+def labelled_ids(pids: list[int], fraction: float, seed: int) -> list[int]:
+    """The sorted training identities whose labels a label-scarce run uses: ``round(fraction x
+    len(pids))`` of them (at least 2), drawn by ``random.Random(seed)``; all of them at 1."""
+    if fraction >= 1:
+        return list(pids)
+    count = max(2, round(fraction * len(pids)))
+    return sorted(random.Random(seed).sample(list(pids), count))
 
 
 def class_labels(pids: torch.Tensor, known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -488,6 +543,24 @@ def evaluate_model(accelerator, model: nn.Module, config: FinetuneConfig, protoc
         module.train(was_training)
 
 
+def same_modality_of_model(accelerator, model: nn.Module, config: FinetuneConfig) -> Optional[dict]:
+    """RGB->RGB (other camera) retrieval on SYSU-layout shards (a reference figure beside the
+    protocol's; :func:`~train.evaluation.protocols.same_modality`), None for other layouts."""
+    module: ReIDModel = accelerator.unwrap_model(model)
+    views = FinetuneViews(tuple(config.image_size), normalization=config.normalization)
+    was_training = module.training
+    module.eval()
+    try:
+        return same_modality(lambda v, m: module.embed(v, m, config.eval_feature), config.shards,
+                             size=tuple(config.image_size), transform=views.eval_views,
+                             batch_size=config.eval_batch_size, device=accelerator.device, flip=config.eval_flip,
+                             source="auto" if config.source == "cache" else config.source,
+                             rank=accelerator.process_index, world=accelerator.num_processes,
+                             gather=gather_rows(accelerator), progress=config.progress_bar)
+    finally:
+        module.train(was_training)
+
+
 def _eval_line(results: list[ProtocolResult], epoch: int) -> str:
     """A periodic evaluation in one line (the full table is printed once, at the end)."""
     scores = "; ".join(f"{r.setting} R1 {100 * r.rank(1):.2f} mAP {100 * r.mAP:.2f}" for r in results)
@@ -523,7 +596,9 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
     data = training_data(config, manifest, rank, world)
     set_seed(config.seed)
     backbone = create_backbone(config.arch, tuple(config.image_size))
-    if config.init != "random":
+    if config.init.startswith(IMAGENET_INIT):
+        load_imagenet(backbone, config.init[len(IMAGENET_INIT):])
+    elif config.init != "random":
         load_backbone_weights(backbone, config.init)
     model = ReIDModel(backbone, data.num_classes)
     source = make_source(config.shards, data.split, batch_size=config.batch_size, size=tuple(config.image_size),
@@ -612,9 +687,13 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
         bar.close()
     if not evaluated:  # resumed from a finished run: nothing left to train
         results = evaluate_model(accelerator, model, config, data.protocol)
+    same = same_modality_of_model(accelerator, model, config)
     seconds = time.perf_counter() - started
     if accelerator.is_main_process:
-        report = {"results": [r.to_dict() for r in results], "checkpoint": str(checkpoint), "seconds": seconds}
+        report = {"results": [r.to_dict() for r in results], "checkpoint": str(checkpoint), "seconds": seconds,
+                  "labelled_ids": data.num_classes}
+        if same is not None:
+            report["same_modality"] = {"setting": "RGB->RGB (other camera), gallery split", **same}
         (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     accelerator.end_training()
     return FinetuneResult(results, history, out, Path(checkpoint), seconds)
@@ -706,7 +785,8 @@ def build_parser() -> ArgumentParser:
     )
     # --shards and --init are checked after --help, which needs neither
     parser.add_argument("--shards", metavar="DIR", help="shard folder built by `python -m shards build` (required)")
-    parser.add_argument("--init", metavar="PATH", help="an exported backbone (.pt / .safetensors), or `random` (required)")
+    parser.add_argument("--init", metavar="PATH", help="an exported backbone (.pt / .safetensors), `random`, or "
+                                                       "imagenet:FILE (an ImageNet ResNet-50 file) (required)")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help=f"recipe (default: the --config file's, else {DEFAULT_PRESET})")
     parser.add_argument("--config", metavar="FILE",
