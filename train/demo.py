@@ -162,6 +162,9 @@ def build_parser() -> ArgumentParser:
                              "python -m train.finetune --help); repeatable")
     parser.add_argument("--seeds", type=int, default=None,
                         help="fine-tuning seeds per arm: seed, seed+1, ... (default: the scale's, 2)")
+    parser.add_argument("--label_fraction", type=float, default=None,
+                        help="the label-scarce arms' fraction of labelled training identities (default: the "
+                             "scale's, 0.25; 0: no label-scarce arms)")
     parser.add_argument("--imagenet", type=Path, default=None, metavar="FILE",
                         help="an ImageNet ResNet-50 state dict (torchvision/timm keys): adds the ImageNet-init "
                              "arm (fine-tuned as a ResNet-50 two-stream), beside the paper's numbers at --scale full")
@@ -211,6 +214,7 @@ class Demo:
     imagenet: Optional[Path] = None
     threads: int = 1
     jobs: int = 1
+    label_fraction: float = 0.0
 
     @property
     def layout(self) -> str:
@@ -255,6 +259,8 @@ def make_demo(args: argparse.Namespace) -> Demo:
         raise UserError(f"--imagenet {args.imagenet}: no such file (expected an ImageNet ResNet-50 state dict)")
     if imagenet is not None and args.method != "mmgl":
         raise UserError("--imagenet: the ImageNet-init arm is a ResNet-50 for the MMGL path (--method mmgl)")
+    if args.label_fraction is not None and not 0 <= args.label_fraction < 1:
+        raise UserError(f"--label_fraction {args.label_fraction}: expected a fraction in [0, 1) (0: no label-scarce arms)")
     cores = available_cores()
     jobs = args.jobs or max(1, min(2, cores))
     threads = args.threads or max(1, cores // jobs)
@@ -263,7 +269,8 @@ def make_demo(args: argparse.Namespace) -> Demo:
                 setting_tokens(args.pretrain, "pretrain"), setting_tokens(args.finetune, "finetune"),
                 progress=not args.quiet and sys.stderr.isatty(),
                 seeds=tuple(args.seed + i for i in range(args.seeds or plan.seeds)), imagenet=imagenet,
-                threads=threads, jobs=jobs)
+                threads=threads, jobs=jobs,
+                label_fraction=plan.label_fraction if args.label_fraction is None else args.label_fraction)
 
 
 def available_cores() -> int:
@@ -438,7 +445,7 @@ def demo_arms(demo: Demo) -> list[Arm]:
     """Every (init, labels) arm: pre-trained and random init (and ImageNet with ``--imagenet``),
     with all labels and, when the scale has one, the label-scarce fraction."""
     inits = [*INITS, *(["imagenet"] if demo.imagenet is not None else [])]
-    fractions = [1.0, *([demo.plan.label_fraction] if demo.plan.label_fraction else [])]
+    fractions = [1.0, *([demo.label_fraction] if demo.label_fraction else [])]
     return [Arm(init, fraction) for fraction in fractions for init in inits]
 
 

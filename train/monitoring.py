@@ -8,8 +8,9 @@ with ``--monitor_trials`` gallery draws, Market-1501, ...; :mod:`train.evaluatio
 plus RGB->RGB (other camera) retrieval on SYSU-layout shards. The shards are
 ``--monitor_shards`` (default: the training shards, whose query/gallery splits hold the test
 identities the pre-training never labels). It tells whether pre-training is making features
-that retrieve people before a fine-tuning run is spent on it. Views: the pre-training's view size
-(the method's ``data_spec().size``), ImageNet normalization (what both methods' views use).
+that retrieve people before a fine-tuning run is spent on it. Views: :func:`monitor_size` (the
+backbone's own input size when it has one, a ViT's ``img_size``; else the pre-training's view
+size), ImageNet normalization (what both methods' views use).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def monitor_shards(shards: str, monitor: str) -> tuple[str, str]:
     return folder, default_protocol(load_manifest(folder))
 
 
+def monitor_size(method: Method) -> tuple[int, int]:
+    """``(H, W)`` the monitor embeds at: the exported backbone's ``img_size`` (a ViT's position
+    grid; PASS's data size is its canvas, larger than the views), else the method's view size."""
+    size = method.backbone_spec().kwargs.get("img_size")
+    return tuple(size) if size else tuple(method.data_spec().size)
+
+
 def frozen_backbone(method: Method, device: torch.device) -> torch.nn.Module:
     """A copy of the backbone the method would export now, in eval mode on ``device``."""
     spec = method.backbone_spec()
@@ -42,12 +50,14 @@ def frozen_backbone(method: Method, device: torch.device) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def monitor_record(method: Method, accelerator: Accelerator, shards: str, protocol: str, size: tuple[int, int],
+def monitor_record(method: Method, accelerator: Accelerator, shards: str, protocol: str,
                    trials: int) -> dict[str, Any]:
     """Evaluate the frozen backbone (every process embeds its part; process 0 ranks). Returns
     ``{"kind": "monitor", "R1", "mAP", "mINP"[, "same_modality_R1"]}`` (fractions) on process 0,
     ``{}`` on the others."""
-    backbone = frozen_backbone(accelerator.unwrap_model(method), accelerator.device)
+    method = accelerator.unwrap_model(method)
+    size = monitor_size(method)
+    backbone = frozen_backbone(method, accelerator.device)
     views = FinetuneViews(tuple(size), normalization="imagenet")
 
     def embed(images: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:

@@ -351,7 +351,7 @@ def train(config: RunConfig, resume: Optional[str] = None) -> None:
 
     def evaluate_frozen(done: int) -> None:
         """The frozen backbone's retrieval (train.monitoring), logged as a ``monitor`` record."""
-        record = monitor_record(method, accelerator, *monitor_on, method.data_spec().size, cfg.monitor_trials)
+        record = monitor_record(method, accelerator, *monitor_on, cfg.monitor_trials)
         if record:
             record = {**record, "step": done, "epoch": done // steps_per_epoch}
             monitor.log.write(record, done)
