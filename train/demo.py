@@ -93,8 +93,9 @@ class Plan:
 
 # Small MMGL: the width-8 two-stream test ResNet on 96x48 views (6 stripes of 16 rows). 310
 # identities give 61 test identities (chance R1 1.6%), 249 train + val ones. MMGL's own loss
-# weights; the frozen backbone is evaluated every 2 epochs (--monitor_every).
-_MMGL_SMALL_PRETRAIN = ("--epochs", "8", "--max_steps", "0", "--warmup_epochs", "0.5", "--log_every", "20",
+# weights, 4 epochs (840 steps of 16 RGB + 16 IR images); the frozen backbone is evaluated every
+# 2 epochs (--monitor_every).
+_MMGL_SMALL_PRETRAIN = ("--epochs", "4", "--max_steps", "0", "--warmup_epochs", "0.5", "--log_every", "20",
                         "--monitor_every", "2")
 # The fine-tuning recipe that fits from scratch, the same for every arm, chosen on the validation
 # identities (benchmarks.learnability, README "How learnable it is"): backbone lr factor 1.0
@@ -169,10 +170,10 @@ def build_parser() -> ArgumentParser:
                         help="an ImageNet ResNet-50 state dict (torchvision/timm keys): adds the ImageNet-init "
                              "arm (fine-tuned as a ResNet-50 two-stream), beside the paper's numbers at --scale full")
     parser.add_argument("--threads", type=int, default=None,
-                        help="threads per training process (default: the cores available to this process, "
-                             "divided among --jobs)")
+                        help="threads per training process (default: the cores available to this process and "
+                             "not busy by the load average, at least 1, divided among --jobs)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="fine-tuning runs side by side (default: one per available core, at most 2)")
+                        help="fine-tuning runs side by side (default: one per idle core, at most 2)")
     parser.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (stage lines only)")
     return parser
@@ -214,6 +215,7 @@ class Demo:
     imagenet: Optional[Path] = None
     threads: int = 1
     jobs: int = 1
+    pretrain_threads: int = 1
     label_fraction: float = 0.0
 
     @property
@@ -261,15 +263,16 @@ def make_demo(args: argparse.Namespace) -> Demo:
         raise UserError("--imagenet: the ImageNet-init arm is a ResNet-50 for the MMGL path (--method mmgl)")
     if args.label_fraction is not None and not 0 <= args.label_fraction < 1:
         raise UserError(f"--label_fraction {args.label_fraction}: expected a fraction in [0, 1) (0: no label-scarce arms)")
-    cores = available_cores()
+    cores = idle_cores()
     jobs = args.jobs or max(1, min(2, cores))
     threads = args.threads or max(1, cores // jobs)
+    pretrain_threads = args.threads or cores
     return Demo(args.method, args.scale, plan, args.out.expanduser().resolve() / name, root,
                 args.ids or plan.ids, args.images_per_id or plan.images_per_id, args.seed, args.workers,
                 setting_tokens(args.pretrain, "pretrain"), setting_tokens(args.finetune, "finetune"),
                 progress=not args.quiet and sys.stderr.isatty(),
                 seeds=tuple(args.seed + i for i in range(args.seeds or plan.seeds)), imagenet=imagenet,
-                threads=threads, jobs=jobs,
+                threads=threads, jobs=jobs, pretrain_threads=pretrain_threads,
                 label_fraction=plan.label_fraction if args.label_fraction is None else args.label_fraction)
 
 
@@ -277,6 +280,14 @@ def available_cores() -> int:
     """The cores this process may run on (its affinity mask: a container's or taskset's limit),
     not the machine's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def idle_cores() -> int:
+    """The available cores less those other processes keep busy (the 1-minute load average),
+    at least 1: the threads the training stages share. On a loaded machine a training process
+    with a thread per core spins against the other processes (measured 17x slower, issue 13;
+    3.2 images/s instead of hundreds for MMGL with 2 threads at load 9); one thread keeps going."""
+    return max(1, available_cores() - round(os.getloadavg()[0]))
 
 
 class StageRecords:
@@ -408,7 +419,7 @@ def stage_pretrain(demo: Demo, records: StageRecords, fingerprint: str) -> tuple
                *pretrain_tokens(demo), f"--progress_bar={str(demo.progress).lower()}"]
     if state is not None:
         command.append("--resume")
-    run_child(command, demo.log_file("pretrain"), demo.progress, demo.threads * demo.jobs)
+    run_child(command, demo.log_file("pretrain"), demo.progress, demo.pretrain_threads)
     if state is not None:
         how = f"resumed at step {state[0]}"
     else:
@@ -767,6 +778,7 @@ def results_document(demo: Demo, manifest, pretrain: list[dict], runs: dict[str,
                      "seeds": list(demo.seeds), "runs": runs},
         "stages": stages,
         "machine": {"cpus": os.cpu_count(), "cpus_available": available_cores(), "threads": demo.threads,
+                    "pretrain_threads": demo.pretrain_threads,
                     "jobs": demo.jobs, "load_average": list(os.getloadavg()), "wall_seconds": round(wall, 1),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available()},
         "paths": {"run": str(demo.run_dir), "shards": str(demo.shards_dir), "pretrain": str(demo.pretrain_dir),
@@ -818,7 +830,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo = make_demo(args)
     print(f"demo: {demo.method} at {demo.scale} scale on "
           f"{demo.root or f'synthetic {demo.layout} ({demo.ids} ids)'} -> {demo.run_dir}; "
-          f"{available_cores()} core(s) available, {demo.jobs} fine-tuning(s) at a time x {demo.threads} thread(s); "
+          f"{available_cores()} core(s) available; pre-training on {demo.pretrain_threads} thread(s), "
+          f"{demo.jobs} fine-tuning(s) at a time x {demo.threads} thread(s); "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     started = time.perf_counter()
     try:
