@@ -520,7 +520,9 @@ def stage_finetune(demo: Demo, records: StageRecords, fingerprint: str) -> tuple
     ``demo.threads`` threads each: on a small CPU two one-thread runs side by side do more than
     one two-thread run). Finished runs with the same settings and init are reused; each run's
     end prints one line. Returns ``{run name: read_finetune(...)}``."""
-    jobs = [finetune_job(demo, records, arm, seed, fingerprint) for arm in demo_arms(demo) for seed in demo.seeds]
+    # Seed-major order: every arm's first seed comes before any arm's second, so an interrupted
+    # or slow run already holds a like-for-like comparison.
+    jobs = [finetune_job(demo, records, arm, seed, fingerprint) for seed in demo.seeds for arm in demo_arms(demo)]
     pending = [j for j in jobs if not (j.status == "same" and (j.out / RESULTS_FILE).is_file())]
     running: list[FinetuneJob] = []
     reused = len(jobs) - len(pending)
