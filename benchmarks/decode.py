@@ -4,6 +4,12 @@ on the device, every way the project can do it, side by side.
 - usual way: the loose JPEG files, PIL decode + ``convert("RGB")`` + bilinear resize per
   sample in a torch DataLoader with one worker per core (as the AGW and PASS code read their
   images; kept at uint8, which spares the usual way the float ``ToTensor``);
+- training batches, the usual way (torchreid-style): what torchreid's ``train_loader`` does per
+  sample in its DataLoader workers -- PIL open + ``convert("RGB")``, resize, random horizontal
+  flip, to a float tensor in [0, 1], ImageNet normalization -- written out here (PIL and torch,
+  no torchvision), batches collated by the DataLoader; beside it the same training batches
+  (flip p 0.5 + normalization, float32) made from the project's sources: the uint8 batch
+  flipped and normalized in batch into buffers allocated once (``flip_normalize``);
 - webdataset + PIL: :class:`pipelines.sources.WdsSource` over the shards, a worker per core;
 - DALI CPU: :class:`pipelines.sources.DaliSource` on the CPU (DALI decode, torch resize);
 - DALI GPU (``--device cuda``): the same on the GPU (nvJPEG ``mixed`` decode, DALI resize);
@@ -12,7 +18,8 @@ on the device, every way the project can do it, side by side.
   (``Image.open(BytesIO).load()``, a full decode), and the same plus the bilinear resize.
 
 Each run of a configuration is one epoch (or one pass of the limit) with its own worker
-processes, which it ends before returning (so their CPU time is counted).
+processes, which it ends before returning (so their CPU time is counted). Every row also reports
+the minor page faults and the system CPU time per image (:mod:`benchmarks.timing`).
 """
 
 from __future__ import annotations
@@ -50,6 +57,75 @@ class LooseJpegs(Dataset):
         with Image.open(self.paths[i]) as image:
             image = image.convert("RGB").resize((self.size[1], self.size[0]), Image.BILINEAR)
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class TorchreidStyle(Dataset):
+    """torchreid's training transform per sample: open, RGB, resize (bilinear), random
+    horizontal flip (p 0.5), to float in [0, 1] ``(3, H, W)``, ImageNet normalization."""
+
+    def __init__(self, paths: list, size: tuple[int, int]):
+        self.paths, self.size = paths, size
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as image:
+            image = image.convert("RGB").resize((self.size[1], self.size[0]), Image.BILINEAR)
+        if torch.rand(()) < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255.0)
+        return (tensor - self.mean) / self.std
+
+
+def torchreid_style(paths: list, *, batch: int, workers: int, device: torch.device):
+    def case() -> int:
+        loader = DataLoader(TorchreidStyle(paths, SIZE), batch_size=batch, shuffle=True, drop_last=True,
+                            num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
+        return drain(loader, device)
+    return case
+
+
+class FlipNormalize:
+    """uint8 ``(B, 3, H, W)`` -> float32 normalized, each image flipped with p 0.5, written into
+    buffers allocated once (the consumer side of a training batch, with no allocation per batch)."""
+
+    def __init__(self, batch: int, size: tuple[int, int], seed: int = 0):
+        self.out = torch.empty((batch, 3, *size))
+        self.row = torch.empty((3, *size), dtype=torch.uint8)
+        self.reverse = torch.arange(size[1] - 1, -1, -1)
+        self.scale = (1.0 / (255.0 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1)
+        self.shift = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        n = images.shape[0]
+        out = self.out[:n]
+        flips = (torch.rand(n, generator=self.generator) < 0.5).tolist()
+        for i, flip in enumerate(flips):
+            if flip:
+                torch.index_select(images[i], 2, self.reverse, out=self.row)
+                out[i].copy_(self.row)
+            else:
+                out[i].copy_(images[i])
+        return out.mul_(self.scale).add_(self.shift)
+
+
+def flip_normalize(source, device: torch.device):
+    """An epoch of a source's uint8 batches made into training batches (:class:`FlipNormalize`)."""
+    make = FlipNormalize(source.batch_size, source.size)
+
+    def case() -> int:
+        n = 0
+        for batch in source:
+            n += make(batch.images).to(device, non_blocking=True).shape[0]
+        return n
+    return case
 
 
 def drain(batches, device: torch.device) -> int:
@@ -129,6 +205,9 @@ def run(ctx: RunContext) -> SuiteResult:
         "usual": usual_way(paths, batch=batch, workers=workers, device=device),
         "wds": source_epoch(sources["wds"], device),
         "dali_cpu": source_epoch(sources["dali_cpu"], device),
+        "torchreid_train": torchreid_style(paths, batch=batch, workers=workers, device=device),
+        "wds_train": flip_normalize(sources["wds"], device),
+        "dali_cpu_train": flip_normalize(sources["dali_cpu"], device),
     }
     if "dali_gpu" in sources:
         cases["dali_gpu"] = source_epoch(sources["dali_gpu"], device)
@@ -141,7 +220,8 @@ def run(ctx: RunContext) -> SuiteResult:
         title=f"train split -> uint8 batches {SIZE[0]}x{SIZE[1]} on {device.type}",
         primary="images_per_s",
         columns=[("images_per_s", "images/s"), ("cpu_ms_per_image", "CPU ms/image"),
-                 ("images_per_cpu_s", "images per CPU-second")],
+                 ("images_per_cpu_s", "images per CPU-second"), ("system_ms_per_image", "system ms/image"),
+                 ("minor_faults_per_image", "minor faults/image")],
         settings={**ctx.base_settings(), "images": len(jpegs), "size": list(SIZE), "batch": batch,
                   "dataloader_workers": workers, "dali_cpu_threads": sources["dali_cpu"].num_threads,
                   "source_width_mean": round(statistics.mean(w for w, _ in sizes), 1),
@@ -157,8 +237,12 @@ def run(ctx: RunContext) -> SuiteResult:
         "cache": f"device cache epoch (CacheSource, {device.type})",
         "limit_decode": "limit: decode from memory, all cores",
         "limit_decode_resize": "limit: decode + resize from memory, all cores",
+        "torchreid_train": "training batches, usual way: torchreid-style per-sample PIL + flip + normalize",
+        "wds_train": "training batches: webdataset + PIL, flip + normalize in batch",
+        "dali_cpu_train": "training batches: DALI CPU, flip + normalize in batch",
     }
-    for key in ("usual", "wds", "dali_cpu", "dali_gpu", "cache", "limit_decode", "limit_decode_resize"):
+    for key in ("usual", "wds", "dali_cpu", "dali_gpu", "cache", "limit_decode", "limit_decode_resize",
+                "torchreid_train", "wds_train", "dali_cpu_train"):
         if key in measured:
             result.add_row(key, names[key], measured[key])
     result.add_ratio("DALI CPU / usual way", "dali_cpu", "usual", DALI_TARGET_VS_USUAL)
@@ -169,6 +253,8 @@ def run(ctx: RunContext) -> SuiteResult:
                      metric="images_per_cpu_s")
     result.add_ratio("DALI CPU / limit (decode + resize)", "dali_cpu", "limit_decode_resize")
     result.add_ratio("webdataset + PIL / usual way", "wds", "usual")
+    result.add_ratio("training batches: DALI CPU / torchreid-style", "dali_cpu_train", "torchreid_train")
+    result.add_ratio("training batches: webdataset + PIL / torchreid-style", "wds_train", "torchreid_train", 1.0)
     if "dali_gpu" in measured:
         result.add_ratio("DALI GPU / usual way", "dali_gpu", "usual")
     result.add_ratio("device cache / usual way", "cache", "usual")
@@ -187,4 +273,5 @@ def run(ctx: RunContext) -> SuiteResult:
     return result
 
 
-__all__ = ["LooseJpegs", "decode_limit", "run", "usual_way"]
+__all__ = ["FlipNormalize", "LooseJpegs", "TorchreidStyle", "decode_limit", "flip_normalize", "run",
+           "torchreid_style", "usual_way"]

@@ -25,7 +25,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-def machine_info(packages: tuple[str, ...] = ("pillow", "numpy", "torch", "nvidia-dali-cuda120", "webdataset", "kornia")) -> dict:
+def machine_info(packages: tuple[str, ...] = ("pillow", "numpy", "torch", "nvidia-dali-cuda120",
+                                                  "nvidia-dali-cuda130", "webdataset", "kornia")) -> dict:
     """A JSON-ready description of this machine and the versions that matter."""
     return {
         "cpu": _cpu_model(),

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.machine import machine_info, machine_name
+from common.textfiles import read_user_text
+from common.errors import UserError
 from benchmarks.timing import Measurement
 
 DEFAULT_RESULTS = Path(__file__).parent / "results"
@@ -56,6 +58,11 @@ class SuiteResult:
             f"{per}s_per_cpu_s": _figure(1e3 / measurement.cpu_ms_per_item),
             "seconds_median": round(measurement.seconds_median, 4),
             "seconds_all": [round(s, 4) for s in measurement.seconds],
+            # system time and minor page faults: fresh large buffers per batch show here
+            f"system_ms_per_{per}": round(measurement.system_ms_per_item, 4),
+            f"minor_faults_per_{per}": round(measurement.minor_faults_per_item, 3),
+            "system_s_all": [round(s, 3) for s in measurement.system],
+            "minor_faults_all": list(measurement.minor_faults),
             "items": measurement.items[0],
             **extra,
         })
@@ -183,15 +190,30 @@ def write_table_and_chart(doc: dict, folder: Path) -> None:
 
 def load_results(results_dir: Path, order: list[str]) -> list[tuple[str, dict]]:
     """``(machine, doc)`` of every suite JSON under ``results_dir``, suites in ``order`` first."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        what = "is a file" if results_dir.exists() else "does not exist"
+        raise UserError(f"results folder {results_dir} {what}; run `python -m benchmarks run --results "
+                        f"{results_dir}` first")
     found = []
-    for path in sorted(Path(results_dir).glob("*/*.json")):
-        doc = json.loads(path.read_text())
-        if "suite" in doc and "rows" in doc:  # other JSON there (shard_build) has its own format
-            found.append((path.parent.name, doc))
+    for path in sorted(results_dir.glob("*/*.json")):
+        try:
+            doc = json.loads(read_user_text(path))
+        except ValueError as err:
+            raise UserError(f"{path} is not valid JSON ({err}); delete it or re-run its suite") from None
+        if not isinstance(doc, dict) or "suite" not in doc:
+            continue  # other JSON there (shard_build) has its own format
+        missing = [key for key in RESULT_KEYS if key not in doc]
+        if missing:
+            raise UserError(f"{path} is a partial suite result (no {', '.join(missing)}); delete it or re-run "
+                            f"`python -m benchmarks run --suite {doc['suite']}`")
+        found.append((path.parent.name, doc))
     rank = {name: i for i, name in enumerate(order)}
     return sorted(found, key=lambda md: (md[0], rank.get(md[1]["suite"], len(rank)), md[1]["suite"]))
 
 
+#: Keys every suite result JSON has (module docstring).
+RESULT_KEYS = ("suite", "title", "machine", "settings", "primary", "columns", "rows", "ratios")
 #: The project README's results section lies between these two lines; ``report`` rewrites it.
 README_MARKERS = ("<!-- benchmarks:begin -->", "<!-- benchmarks:end -->")
 PROJECT_README = Path(__file__).parent.parent / "README.md"

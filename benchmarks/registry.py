@@ -49,6 +49,9 @@ class RunContext:
     repeats: int
     workdir: Path
     say: Callable[[str], None] = print
+    #: The peak MFU is stated against (TFLOP/s); None: the datasheet's dense bf16 figure
+    #: (:data:`benchmarks.training.PEAK_BF16_TFLOPS`).
+    peak_tflops: float | None = None
     _data: SyntheticSet | None = field(default=None, repr=False)
 
     @property

@@ -18,6 +18,7 @@ over wall time) and, on a GPU with a known peak, model FLOP utilization (MFU).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from benchmarks.registry import RunContext
 from benchmarks.timing import Case, Measurement, side_by_side
 from benchmarks.training import (SHARED_CPU_NOTE, StepClock, TrainStep, Variant, Workload, count_flops,
                                  peak_tflops, significant)
-from pipelines.sources import dali_available, make_source
+from pipelines.sources import Source, dali_available, make_source
 from train.methods import METHODS
 from train.methods.base import DataSpec
 from train.pretrain import endless
@@ -109,15 +110,27 @@ def model_alone(step: TrainStep, views, steps: int, images: int, log: StepLog) -
     return case
 
 
-def full_pipeline(step: TrainStep, stream, steps: int, images: int, log: StepLog) -> Case:
+def full_pipeline(step: TrainStep, source: Source, steps: int, images: int, log: StepLog) -> Case:
+    """Steps on fresh batches. Each run starts a new epoch of ``source`` in ``prepare`` (outside
+    the clock: a streaming source builds the epoch's DALI pipeline and fills its queue there), so
+    a run of fewer steps than an epoch times the steady stream, not a pipeline build."""
+    state: dict = {}
+
+    def prepare() -> None:
+        source.set_epoch(source.epoch + 1)
+        batches = iter(source)
+        state["batches"] = itertools.chain([next(batches)], batches, endless(source))
+
     def case() -> int:
+        batches = state.pop("batches")
         clock = StepClock(step.device)
         clock.tick()
         for _ in range(steps):
-            step(step.views(next(stream)))
+            step(step.views(next(batches)))
             clock.tick()
         log.runs.append(clock.durations())
         return steps * images
+    case.prepare = prepare
     return case
 
 
@@ -143,20 +156,19 @@ def run_workload(ctx: RunContext, workload: Workload, steps: int, result: SuiteR
     skipped = compile_skipped(ctx, workload.name)
     config, spec = workload.config(), data_spec(workload)
     source, kind = source_for(ctx, workload, spec, device)
-    stream = endless(source)
     images = config.train.batch_size * spec.images_per_slot
     chosen = variants(workload.name, compile_ok=skipped is None)
     trainers = {v.key: TrainStep(config, v, device, len(source)) for v in chosen}
     baseline, tuned = chosen[0], chosen[-1]
     first = trainers[baseline.key]
-    views = first.views(next(stream))  # the model-alone views: made once, kept on the device
+    views = first.views(next(iter(source)))  # the model-alone views: made once, kept on the device
     flops = count_flops(first, views)  # one eager step, before anything is timed
 
     cases, rows = {}, {}  # rows: case key -> (variant, pipeline, its per-step log)
     for v, pipeline in [(v, "alone") for v in chosen] + [(v, "full") for v in dict.fromkeys((baseline, tuned))]:
         key, log = f"{workload.name}_{v.key}_{pipeline}", StepLog()
         make = model_alone if pipeline == "alone" else full_pipeline
-        cases[key] = make(trainers[v.key], views if pipeline == "alone" else stream, steps, images, log)
+        cases[key] = make(trainers[v.key], views if pipeline == "alone" else source, steps, images, log)
         rows[key] = (v, pipeline, log)
     ctx.say(f"  {workload.title}: {images} images per step, {flops / 1e9:.1f} GFLOP per step, source {kind}")
     measured = side_by_side(cases, warmup=ctx.warmup, repeats=ctx.repeats, device=device, say=ctx.say)
@@ -165,7 +177,7 @@ def run_workload(ctx: RunContext, workload: Workload, steps: int, result: SuiteR
         variant, pipeline, log = rows[key]
         what = "model alone, views in memory" if pipeline == "alone" else f"full pipeline ({kind} source + views)"
         result.add_row(key, f"{workload.title}, {variant.label}: {what}", measurement,
-                       **figures(measurement, log, flops, steps, ctx.repeats, peak_tflops(device)),
+                       **figures(measurement, log, flops, steps, ctx.repeats, mfu_peak(ctx, device)),
                        method=workload.name, variant=variant.key, pipeline=pipeline)
 
     target = FULL_STEP_TARGET if device.type == "cuda" else None
@@ -181,10 +193,15 @@ def run_workload(ctx: RunContext, workload: Workload, steps: int, result: SuiteR
             **({"out_dim": config.method_config.out_dim} if workload.name == "pass" else {})}
 
 
+def mfu_peak(ctx: RunContext, device: torch.device) -> float | None:
+    """The peak MFU is stated against: ``--peak_tflops`` when given, else the datasheet's."""
+    return ctx.peak_tflops if ctx.peak_tflops is not None and device.type == "cuda" else peak_tflops(device)
+
+
 def run(ctx: RunContext) -> SuiteResult:
     device = torch.device(ctx.device)
     workloads, steps = WORKLOADS[(device.type, ctx.quick)]
-    peak = peak_tflops(device)
+    peak = mfu_peak(ctx, device)
     columns = [("images_per_s", "source images/s"), ("step_ms", "step ms (median)"),
                ("model_tflop_per_s", "model TFLOP/s")]
     if peak is not None:
@@ -194,7 +211,9 @@ def run(ctx: RunContext) -> SuiteResult:
         suite="step",
         title=f"model step alone vs full pipeline step, ViT-S PASS and ResNet-50 MMGL on {where}",
         primary="images_per_s", columns=columns,
-        settings={**ctx.base_settings(), "torch_threads": torch.get_num_threads(), "peak_bf16_tflops": peak},
+        settings={**ctx.base_settings(), "torch_threads": torch.get_num_threads(), "peak_bf16_tflops": peak,
+                  "peak_basis": ("given (--peak_tflops)" if ctx.peak_tflops is not None and peak is not None
+                                 else "datasheet dense bf16" if peak is not None else None)},
     )
     start = time.perf_counter()
     for workload in workloads:
@@ -207,7 +226,9 @@ def run(ctx: RunContext) -> SuiteResult:
         "views) counts 1. Step ms: median over every timed step (CUDA events on a GPU, host clock on the CPU).",
         "Model TFLOP/s: forward (PASS's teacher included) + backward FLOPs of one step, counted once with "
         "torch.utils.flop_counter.FlopCounterMode on an eager step, over the measured wall time per step; "
-        "MFU divides it by the GPU's dense bf16 peak (also for fp32 rows, as MFU is usually stated).",
+        "MFU divides it by the peak in the settings (peak_bf16_tflops, peak_basis): by default the GPU's "
+        "datasheet dense bf16 peak (989.4 TFLOP/s for an H200), also for fp32 rows, as MFU is usually stated; "
+        "an H200 here measured ~790 TFLOP/s on a large bf16 matmul, which --peak_tflops 790 states MFU against.",
         "Both pipelines of a variant use the same model and optimizer; the full pipeline's source reads "
         "the shared synthetic SYSU-MM01-like set (MMGL: device cache + pairs sampler; PASS: DALI streaming).",
     ]

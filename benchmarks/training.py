@@ -101,6 +101,7 @@ class TrainStep:
     def __init__(self, config: RunConfig, variant: Variant, device: torch.device, steps_per_epoch: int) -> None:
         cfg = config.train
         torch.manual_seed(cfg.seed)
+        torch.backends.cudnn.benchmark = True  # as the loop (train.pretrain.new_accelerator): fixed shapes
         self.config, self.variant, self.device = config, variant, device
         self.method: Method = METHODS[config.method].method(config.method_config)
         if variant.channels_last:

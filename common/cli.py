@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from common.errors import DataWarning, UserError
+from common.interrupts import ignore_signals, signal_of, stop_on_signals
 
 
 def _one_line_data_warnings(original: Callable[..., str]) -> Callable[..., str]:
@@ -28,23 +29,33 @@ def _one_line_data_warnings(original: Callable[..., str]) -> Callable[..., str]:
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run ``main(argv)``, turning :class:`UserError` and Ctrl-C into a one-line message.
+    """Run ``main(argv)``, turning :class:`UserError`, Ctrl-C and SIGTERM into a one-line message.
 
     Returns the process exit status: ``main``'s own (0 when it returns None), 2 for a user error,
-    130 after Ctrl-C. While ``main`` runs, a :class:`DataWarning` prints as one line.
+    130 after Ctrl-C, 143 after SIGTERM (:mod:`common.interrupts`; also when ``main`` swallowed
+    the interrupt). While ``main`` runs, a :class:`DataWarning` prints as one line.
     """
     original = warnings.formatwarning
     warnings.formatwarning = _one_line_data_warnings(original)
-    try:
-        return main(argv) or 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        warnings.formatwarning = original
+    with stop_on_signals() as stop:
+        try:
+            status = main(argv) or 0
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as err:
+            if stop.nested:
+                raise  # the outer tool stops and reports it
+            ignore_signals()
+            stop.signum = stop.signum or signal_of(err)
+            print(stop.message, file=sys.stderr)
+            return stop.exit_status
+        finally:
+            warnings.formatwarning = original
+        if stop.signum is not None:  # the interrupt was swallowed on the way: still not a success
+            print(stop.message, file=sys.stderr)
+            return stop.exit_status
+        return status
 
 
 class ArgumentParser(argparse.ArgumentParser):

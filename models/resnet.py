@@ -215,26 +215,46 @@ class TwoStreamResNet(_ResNetBase):
     absent from the batch is skipped and gets no gradient: under DDP such batches need
     ``find_unused_parameters`` (MMGL's pair batches always carry both modalities).
 
-    Routing uses ``nonzero``, which waits for the device and has a data-dependent output shape
-    (a graph break under ``torch.compile``).
+    Routing: a stable ``argsort`` of ``modality`` on the device groups the rows by modality, each
+    stem runs on its contiguous slice, and a gather puts the rows back. Slicing needs the number
+    of RGB rows on the host: pass it as ``rgb_count`` when the batch layout fixes it (the
+    cross-modal sampler's batches are half RGB, half IR) and nothing waits for the device; without
+    it one small read of the per-modality counts does (one host synchronization, where the
+    ``nonzero`` routing this replaces took two). Running both stems on the whole batch and
+    choosing rows with ``torch.where`` would need no count, but it doubles the stem's work and
+    lets each stem's BatchNorm see the other modality's images in training (measured in
+    ``benchmarks/routing.py``).
     """
 
     def _build_stem(self, width: int) -> None:
         self.stems = nn.ModuleDict({name: Stem(width) for name in MODALITY_CODE})
 
-    def forward(self, images: torch.Tensor, modality: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, modality: torch.Tensor, rgb_count: int | None = None) -> torch.Tensor:
+        """images ``(B, 3, H, W)``, modality int64 ``(B,)`` (0 rgb, 1 ir), ``rgb_count``: the
+        number of RGB rows when the caller knows it (class docstring) -> ``(B, C, H/16, W/16)``."""
         if modality.shape != images.shape[:1]:
             raise ValueError(f"modality must have shape ({images.shape[0]},), got {tuple(modality.shape)}")
-        subsets = {name: torch.nonzero(modality == code).squeeze(1) for name, code in MODALITY_CODE.items()}
-        if sum(idx.numel() for idx in subsets.values()) != images.shape[0]:
-            raise ValueError(f"modality values must be in {sorted(MODALITY_CODE.values())}")
+        batch = images.shape[0]
+        if rgb_count is None:
+            rgb_count = self._rgb_count(modality)
+        # Rows grouped by modality, each group in input order (RGB code 0 < IR code 1).
+        order = torch.argsort(modality, stable=True)
+        groups = (("rgb", order[:rgb_count]), ("ir", order[rgb_count:]))
         # An absent modality's stem is skipped: BatchNorm cannot normalize an empty batch.
-        present = [(name, idx) for name, idx in subsets.items() if idx.numel()]
-        features = torch.cat([self.stems[name](images[idx]) for name, idx in present])
-        order = torch.cat([idx for _, idx in present])
+        features = torch.cat([self.stems[name](images[idx]) for name, idx in groups if idx.numel()])
         # ``features`` is grouped by modality; gathering with the inverse of ``order`` puts every
         # row back at its input position. Tensor indexing keeps channels_last (index_select does not).
-        return self.forward_layers(features[torch.argsort(order)])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(batch, device=order.device)
+        return self.forward_layers(features[inverse])
+
+    @staticmethod
+    def _rgb_count(modality: torch.Tensor) -> int:
+        """The number of RGB rows, read on the host (one synchronization); checks the codes."""
+        rgb, ir = (torch.stack([(modality == MODALITY_CODE[name]).sum() for name in ("rgb", "ir")])).tolist()
+        if rgb + ir != modality.shape[0]:
+            raise ValueError(f"modality values must be in {sorted(MODALITY_CODE.values())}")
+        return rgb
 
     def forward_pair(self, rgb: torch.Tensor, ir: torch.Tensor) -> torch.Tensor:
         """Feature maps of an RGB half and an IR half, each through its own stem (no

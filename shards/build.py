@@ -44,7 +44,7 @@ from shards.format import (
 )
 from shards.images import ImageCheck, check_image, encode_image
 from shards.layouts import LayoutScan, Record, scan
-from shards.manifest import Counts, Manifest, Rejected, ShardInfo, SplitCounts, load_manifest
+from shards.manifest import Manifest, Rejected, ShardInfo, load_manifest, split_counts
 from shards.writer import EncodedSample, WrittenShard, write_shard
 
 STATE_DIR = ".build"
@@ -99,7 +99,12 @@ def build(
     layout_scan = scan(layout, root)
     records = _unique_sorted(layout_scan)
     if not records:
-        raise UserError(f"found no images in {root} for the {layout} layout")
+        why = ""
+        if layout_scan.rejected:
+            first = layout_scan.rejected[0]
+            why = (f": all {len(layout_scan.rejected)} listed or found input(s) were rejected, "
+                   f"the first, {first.source}, as {first.reason}")
+        raise UserError(f"found no usable images in {root} for the {layout} layout{why}")
     fingerprint = _fingerprint(layout, seed, shard_size, layout_scan.base, records)
 
     try:
@@ -144,7 +149,7 @@ def _build_into(layout: str, layout_scan: LayoutScan, records: list[Record], roo
         fingerprint=fingerprint,
         seed=seed,
         shard_size=shard_size,
-        splits=_split_counts(r for r, _ in accepted),
+        splits=split_counts(r for r, _ in accepted),
         shards=[_shard_info(out, shard, written[shard.stem]) for shard in plan],
         pid_to_label=pid_to_label,
         rejected=sorted(rejected, key=lambda r: r.source),
@@ -376,32 +381,6 @@ def _map(function, tasks: list, workers: int) -> Iterator:
 def _ignore_interrupts() -> None:
     """Workers leave Ctrl-C to the parent, which stops the pool and reports once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _counts(records: list[Record]) -> Counts:
-    return Counts(
-        images=len(records),
-        identities=len({r.pid for r in records if r.pid != UNKNOWN}),
-        cameras=sorted({r.camera for r in records if r.camera != UNKNOWN}),
-    )
-
-
-def _split_counts(records: Iterable[Record]) -> dict[str, SplitCounts]:
-    by_split: dict[str, list[Record]] = defaultdict(list)
-    for record in records:
-        by_split[record.split].append(record)
-    result = {}
-    for split in SPLITS:
-        if split not in by_split:
-            continue
-        by_modality: dict[str, list[Record]] = defaultdict(list)
-        for record in by_split[split]:
-            by_modality[record.modality].append(record)
-        result[split] = SplitCounts(
-            total=_counts(by_split[split]),
-            modalities={m: _counts(rs) for m, rs in sorted(by_modality.items())},
-        )
-    return result
 
 
 def _shard_info(out: Path, shard: PlannedShard, written: WrittenShard) -> ShardInfo:

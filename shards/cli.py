@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.outputs import output_file, writing_failed
 from shards.build import DEFAULT_SHARD_SIZE, build
 from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
@@ -36,6 +37,10 @@ layouts (--root is the dataset folder, or the list file for 'manifest'):
   folder      every image under --root, recursively (unlabeled, e.g. LUPerson)
   manifest    a .csv (with header) or .jsonl list: path, pid, camera, modality, split
 """
+
+
+#: Endings of the contact sheet that Pillow writes from an RGB image.
+SHEET_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def build_parser() -> ArgumentParser:
@@ -90,7 +95,7 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"BAD {problem.file}: {problem.reason}")
     if problems:
         bad = len({p.file for p in problems})
-        print(f"{bad} bad shard(s) in {args.folder}: rebuild with `python -m shards build ...` "
+        print(f"{bad} bad file(s) in {args.folder}: rebuild with `python -m shards build ...` "
               "(a re-run with --overwrite replaces them)", file=sys.stderr)
         return 1
     samples = sum(s.samples for s in manifest.shards)
@@ -100,13 +105,17 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.folder)
+    if args.sheet:
+        output_file(args.sheet, "--sheet", SHEET_SUFFIXES)
     print(summary_table(manifest))
     if args.sheet:
         if args.count < 1:
             raise UserError("--count must be at least 1")
         samples = random_samples(args.folder, manifest, args.count, args.split, args.seed)
-        args.sheet.parent.mkdir(parents=True, exist_ok=True)
-        contact_sheet(samples).save(args.sheet)
+        try:
+            contact_sheet(samples).save(args.sheet)
+        except OSError as err:
+            raise writing_failed(err, f"the contact sheet {args.sheet}") from None
         print(f"contact sheet of {len(samples)} samples: {args.sheet}")
     return 0
 

@@ -1,7 +1,9 @@
 """Checking and converting input images for the shards.
 
 JPEG files in RGB or grayscale with no EXIF rotation are stored byte for byte (the project's
-decoders, DALI and PIL, read both the same way). Everything else (BMP, PNG, TIFF, WebP, CMYK
+decoders, DALI and PIL, read both the same way), once Pillow has decoded them and their marker
+structure is one DALI's parser accepts (:mod:`shards.jpeg`; Pillow alone lets through damaged
+headers on which DALI can crash). Everything else (BMP, PNG, TIFF, WebP, CMYK
 JPEGs, 16-bit, palette and alpha images, rotated JPEGs) is converted to an RGB JPEG, so that
 every reader decodes every shard alike.
 """
@@ -9,11 +11,14 @@ every reader decodes every shard alike.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from shards.jpeg import jpeg_structure_problem
 
 #: Quality of re-encoded JPEGs: high enough that re-encoding loses little, and deterministic.
 JPEG_QUALITY = 95
@@ -42,6 +47,8 @@ def _needs_conversion(image: Image.Image) -> bool:
 
 def check_image(path: Path) -> ImageCheck:
     """Decide whether ``path`` can be stored, and how, by decoding it (cheaply for copied JPEGs)."""
+    if path.is_symlink() and not path.exists():
+        return ImageCheck(f"broken symbolic link: its target {os.readlink(path)} does not exist")
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -61,6 +68,10 @@ def check_image(path: Path) -> ImageCheck:
         return ImageCheck("not an image in a format Pillow can read")
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         return ImageCheck(f"corrupt or not an image: {err}")
+    if not convert:  # stored as it is: DALI must be able to parse it (shards.jpeg)
+        problem = jpeg_structure_problem(data)
+        if problem is not None:
+            return ImageCheck(f"corrupt JPEG ({problem})")
     return ImageCheck(None, convert)
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from common.errors import UserError
-from shards.format import FORMAT_VERSION, MANIFEST_NAME
+from shards.format import FORMAT_VERSION, MANIFEST_NAME, SPLITS, UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,42 @@ class SplitCounts:
 
     total: Counts
     modalities: dict[str, Counts]
+
+
+class Labelled(Protocol):
+    """What counts are made of: a layout's record or a stored sample's JSON."""
+
+    pid: int
+    camera: int
+    modality: str
+    split: str
+
+
+def _counts(items: list[Labelled]) -> Counts:
+    return Counts(
+        images=len(items),
+        identities=len({r.pid for r in items if r.pid != UNKNOWN}),
+        cameras=sorted({r.camera for r in items if r.camera != UNKNOWN}),
+    )
+
+
+def split_counts(items: Iterable[Labelled]) -> dict[str, SplitCounts]:
+    """The manifest's ``splits``: counts per split, in all and per modality."""
+    by_split: dict[str, list[Labelled]] = defaultdict(list)
+    for item in items:
+        by_split[item.split].append(item)
+    result = {}
+    for split in SPLITS:
+        if split not in by_split:
+            continue
+        by_modality: dict[str, list[Labelled]] = defaultdict(list)
+        for item in by_split[split]:
+            by_modality[item.modality].append(item)
+        result[split] = SplitCounts(
+            total=_counts(by_split[split]),
+            modalities={m: _counts(rs) for m, rs in sorted(by_modality.items())},
+        )
+    return result
 
 
 @dataclass(frozen=True)
@@ -126,10 +165,26 @@ class Manifest:
         os.replace(tmp, folder / MANIFEST_NAME)
 
 
+def label_problems(manifest: Manifest) -> list[str]:
+    """What is inconsistent in the manifest's ``pid_to_label`` map on its own: training labels
+    must be 0..P-1, each given to exactly one pid, for as many pids as the train split has."""
+    labels = sorted(manifest.pid_to_label.values())
+    problems = []
+    if labels != list(range(len(labels))):
+        problems.append(f"pid_to_label does not give the labels 0..{len(labels) - 1} once each")
+    train = manifest.splits.get("train")
+    if train is not None and train.total.identities != len(labels):
+        problems.append(f"pid_to_label maps {len(labels)} pids but the train split counts "
+                        f"{train.total.identities} identities")
+    return problems
+
+
 def load_manifest(folder: str | os.PathLike) -> Manifest:
     """Read ``folder/manifest.json``; a missing or unreadable one is a :class:`UserError`."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; a shard folder (the --out of `python -m shards build`) was expected")
     if not folder.is_dir():
         raise UserError(f"shard folder {folder} does not exist")
     if not path.is_file():

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
+from common.outputs import output_folder
 from shards.synthetic_people import Pose, make_identity, make_scene, render_image
 
 LAYOUTS = ("sysu-mm01", "market1501", "regdb")
@@ -453,6 +454,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
+    output_folder(args.out, "--out", create=False)
     info = generate(args.layout, args.out, ids=args.ids, seed=args.seed, workers=args.workers,
                     images_per_id=args.images_per_id, progress=True)
     splits = ", ".join(f"{name} {count}" for name, count in sorted(info.images_by_split.items()))

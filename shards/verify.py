@@ -16,6 +16,8 @@ from pathlib import Path
 from common.modality import MODALITY_CODE
 from shards.format import (
     IMAGE_EXT,
+    MANIFEST_NAME,
+    UNKNOWN,
     LABEL_EXT,
     META_EXT,
     MEMBER_EXTS,
@@ -25,7 +27,7 @@ from shards.format import (
     parse_index,
     split_member_name,
 )
-from shards.manifest import ShardInfo, load_manifest
+from shards.manifest import Manifest, ShardInfo, SplitCounts, label_problems, load_manifest, split_counts
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,18 @@ def _sample_problem(key: str, members: dict[str, bytes], split: str) -> str | No
     return None
 
 
-def _read_tar(path: Path, split: str) -> tuple[list[list[IndexEntry]], _HashingReader, str | None]:
-    """Stream through a tar: the index it implies, the hashing reader, and the first problem."""
+def _meta_or_none(members: dict[str, bytes]) -> SampleMeta | None:
+    try:
+        return SampleMeta.from_bytes(members[META_EXT])
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _read_tar(path: Path, split: str, metas: list[SampleMeta] | None = None
+              ) -> tuple[list[list[IndexEntry]], _HashingReader, str | None]:
+    """Stream through a tar: the index it implies, the hashing reader, and the first problem;
+    each sample's JSON is appended to ``metas`` when given."""
+    metas = [] if metas is None else metas
     samples: list[list[IndexEntry]] = []
     with open(path, "rb") as raw:
         reader = _HashingReader(raw)
@@ -85,27 +97,30 @@ def _read_tar(path: Path, split: str) -> tuple[list[list[IndexEntry]], _HashingR
                     if member_key != key:
                         if key is not None:
                             problem = problem or _sample_problem(key, members, split)
+                            metas.append(_meta_or_none(members))
                         key, members = member_key, {}
                         samples.append([])
                     members[ext] = tar.extractfile(info).read()
                     samples[-1].append(IndexEntry(ext, info.offset_data, info.size, info.name))
                 if key is not None:
                     problem = problem or _sample_problem(key, members, split)
+                    metas.append(_meta_or_none(members))
             reader.read()  # hash the end-of-archive padding too
         except (tarfile.TarError, EOFError, OSError) as err:
             problem = f"unreadable tar ({err}): truncated or corrupt"
     return samples, reader, problem
 
 
-def verify_shard(folder: Path, shard: ShardInfo) -> str | None:
-    """The first thing wrong with ``shard`` (a problem message), or None when it is intact."""
+def verify_shard(folder: Path, shard: ShardInfo, metas: list[SampleMeta] | None = None) -> str | None:
+    """The first thing wrong with ``shard`` (a problem message), or None when it is intact;
+    the samples' JSON members are appended to ``metas`` when given."""
     path = folder / shard.file
     if not path.is_file():
         return "missing"
     size = path.stat().st_size
     if size != shard.bytes:
         return f"{size} bytes, the manifest says {shard.bytes}: truncated or changed"
-    samples, reader, problem = _read_tar(path, shard.split)
+    samples, reader, problem = _read_tar(path, shard.split, metas)
     if problem:
         return problem
     if reader.sha.hexdigest() != shard.sha256:
@@ -123,17 +138,47 @@ def verify_shard(folder: Path, shard: ShardInfo) -> str | None:
     return None
 
 
+def content_problems(manifest: Manifest, metas: list[SampleMeta]) -> list[str]:
+    """What the manifest says that the stored samples contradict: counts per split and
+    modality, and each train sample's label against ``pid_to_label``."""
+    problems = []
+    wrong = [m for m in metas
+             if m.split == "train" and m.pid != UNKNOWN and manifest.pid_to_label.get(m.pid, UNKNOWN) != m.label]
+    if wrong:
+        m = wrong[0]
+        problems.append(f"pid_to_label gives pid {m.pid} label {manifest.pid_to_label.get(m.pid)} but its samples "
+                        f"were stored with label {m.label} ({len(wrong)} sample(s) disagree)")
+    actual = split_counts(metas)
+    for split in sorted(set(actual) | set(manifest.splits)):
+        if actual.get(split) != manifest.splits.get(split):
+            problems.append(f"the counts of split {split!r} differ from its samples "
+                            f"(manifest: {_brief(manifest.splits.get(split))}, shards: {_brief(actual.get(split))})")
+    return problems
+
+
+def _brief(counts: SplitCounts | None) -> str:
+    if counts is None:
+        return "none"
+    return f"{counts.total.images} images, {counts.total.identities} ids, cameras {counts.total.cameras}"
+
+
 def verify(folder: str | Path) -> list[Problem]:
-    """Every problem found in the shard folder (empty when all is well)."""
+    """Every problem found in the shard folder (empty when all is well): each shard against the
+    manifest, then the manifest against itself and against the samples it describes."""
     folder = Path(folder)
     manifest = load_manifest(folder)
     problems = []
+    metas: list[SampleMeta | None] = []
     for shard in manifest.shards:
-        reason = verify_shard(folder, shard)
+        reason = verify_shard(folder, shard, metas)
         if reason:
             problems.append(Problem(shard.file, reason))
     listed = {shard.file for shard in manifest.shards}
     for path in sorted(folder.glob("*.tar")):
         if path.name not in listed:
             problems.append(Problem(path.name, "not listed in the manifest (left from another build?)"))
+    checks = label_problems(manifest)
+    if not problems:  # counts are only meaningful over intact shards
+        checks += content_problems(manifest, [m for m in metas if m is not None])
+    problems += [Problem(MANIFEST_NAME, reason) for reason in checks]
     return problems

@@ -14,8 +14,8 @@ from train.methods.mmgl import MMGL_PRESETS
 
 # (setting, reference value, source)
 MMGL_METHOD_REFERENCE = [
-    ("method.backbone", "resnet50", "paper: ResNet-50 from scratch"),
-    ("method.two_stream", True, "README: --stream two; AGW/model.py embed_net (visible/thermal stems)"),
+    ("method.backbone", "resnet50_two_stream",
+     "paper: ResNet-50 from scratch; README: --stream two; AGW/model.py embed_net (visible/thermal stems)"),
     ("method.image_size", (288, 144), "AGW/train.py --img_h 288 --img_w 144"),
     ("method.num_stripes", 6, "pipeline.png: 6 stripes, O = {2, 4, 1, 3, 0, 5}"),
     ("method.part_dim", 256, "pipeline.png: 1x1 conv 2048 -> 256"),

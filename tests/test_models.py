@@ -385,3 +385,35 @@ def test_narrow_resnet_is_the_same_network_at_width_32():
     assert infer_arch(two.state_dict()) == "resnet_narrow_two_stream"
     assert infer_arch(resnet_narrow().state_dict()) == "resnet_narrow"
     assert infer_arch(resnet_tiny_test(two_stream=True).state_dict()) == "resnet_tiny_two_stream"
+
+
+def test_two_stream_routing_with_a_known_count_never_reads_the_device():
+    """With ``rgb_count`` given, routing issues no op that copies a value to the host (nonzero,
+    .item()/.tolist() = ``_local_scalar_dense``) and gives the rows of the counted routing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = resnet_tiny_test(two_stream=True)  # training mode: per-modality BatchNorm statistics
+    images = torch.randn(6, 3, 64, 32)
+    modality = torch.tensor([0, 0, 0, 1, 1, 1])[torch.tensor([3, 0, 4, 1, 5, 2])]
+    counted = model(images, modality)
+    stem_out = {}
+    hook = model.stems["rgb"].register_forward_hook(lambda m, i, out: stem_out.setdefault("rgb", out.detach()))
+    ops = Ops()
+    with ops:
+        known = model(images, modality, rgb_count=3)
+    hook.remove()
+    assert not {"nonzero", "_local_scalar_dense", "item"} & set(ops.names)
+    torch.testing.assert_close(known, counted)
+    # the RGB stem ran on the RGB rows alone, in input order (its BatchNorm saw only them)
+    rgb = torch.tensor([i for i, m in enumerate(modality.tolist()) if m == 0])
+    torch.testing.assert_close(stem_out["rgb"], model.stems["rgb"](images[rgb]).detach(), rtol=1e-4, atol=1e-5)

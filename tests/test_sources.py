@@ -275,22 +275,27 @@ def corrupt_first_image(folder: Path, name="train-000002.tar") -> str:
     return jpg.name.split(".")[0]
 
 
-def test_corrupt_image_dali_names_the_shard(copy):
+@pytest.mark.parametrize("source", ["dali", "wds", "cache"])
+def test_changed_byte_is_refused_before_reading(copy, source):
+    """A same-size change is found by the content check before any reader sees the bytes
+    (DALI could crash on them): a clear error naming the shard (DESIGN.md section 8)."""
     corrupt_first_image(copy)
-    src = make_source(copy, "train", source="dali", batch_size=16, size=(H, W), device="cpu", rank=0, world=1,
-                      shuffle=False)
-    with pytest.raises(UserError, match=r"train-000002\.tar.*shards verify"):
-        collect(src)
+    with pytest.raises(UserError, match=r"train-000002\.tar is damaged: .*sha256.*shards verify"):
+        make_source(copy, "train", source=source, batch_size=16, size=(H, W), device="cpu", rank=0, world=1,
+                    shuffle=False)
 
 
-def test_corrupt_image_wds_skips_and_counts(copy):
-    key = corrupt_first_image(copy)
-    src = make_source(copy, "train", source="wds", batch_size=16, size=(H, W), device="cpu", rank=0, world=1,
-                      num_workers=0, drop_last=False)
-    with pytest.warns(UserWarning, match=key):
-        batches = collect(src)
-    assert src.skipped == 1 and src.skipped_shards == ["train-000002.tar"]
-    assert sum(len(b) for b in batches) == total_of(copy) - 1
+@pytest.mark.parametrize("source", ["dali", "wds", "cache"])
+def test_changed_byte_skipped_whole_shard_with_skip_damaged(copy, source):
+    corrupt_first_image(copy)
+    lost = next(s.samples for s in load_manifest(copy).shards if s.file == "train-000002.tar")
+    with pytest.warns(UserWarning, match=r"train-000002\.tar"):
+        src = make_source(copy, "train", source=source, batch_size=16, size=(H, W), device="cpu", rank=0, world=1,
+                          num_workers=0, drop_last=False, skip_damaged=True)
+    assert src.skipped == lost and src.skipped_shards == ["train-000002.tar"]
+    if source != "cache":
+        kept = {i for b in collect(src) for i in b.index.tolist()}
+        assert len(kept) == total_of(copy) - lost
 
 
 def strip_label_members(folder: Path, name="train-000000.tar") -> None:

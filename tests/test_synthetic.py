@@ -163,7 +163,8 @@ def test_ir_is_not_a_greyscale_of_rgb(sysu):
         ir.append(np.mean(infrared, axis=0)[1:])
     luma_even, luma_odd, ir = (np.concatenate(v) for v in (luma_even, luma_odd, ir))
     assert len(ir) >= 24
-    # Measured over seeds 0-3: RGB-RGB 0.70-0.78, RGB-IR 0.04-0.18; a grey copy would be ~0.7.
+    # Measured over seeds 0-1: RGB-RGB 0.63-0.85, RGB-IR 0.35-0.37 (colour partly predicts IR
+    # through the material rule, by design); a grey copy would score like RGB-RGB.
     assert kendall_tau(luma_even, luma_odd) > 0.6
     assert abs(kendall_tau(luma_even, ir)) < 0.4
 
@@ -181,7 +182,7 @@ def test_identity_is_learnable_from_a_simple_feature(sysu):
     root, _ = sysu
     by_pid = sysu_images(root)
     chance = 1 / len(by_pid)
-    # Measured over seeds 0-3: RGB 0.74-0.91, IR 0.33-0.48 (one channel carries less), chance 0.1.
+    # Measured over seeds 0-1: RGB 0.68-0.85, IR 0.43-0.51 (one channel carries less), chance 0.1.
     for cams, channels, factor in ((RGB_CAMS, slice(0, 3), 5), (IR_CAMS, slice(0, 1), 2.5)):
         items = [(pid, p) for pid, imgs in by_pid.items() for cam, p in imgs if cam in cams]
         feats = np.stack([band_means(p)[:, channels].ravel() for _, p in items])

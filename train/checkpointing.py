@@ -28,6 +28,7 @@ Reused by every loop (pre-training, fine-tuning): nothing here knows about a met
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -44,12 +45,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from common.errors import UserError
+from common.outputs import writing_failed
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 SUPERSEDED = "superseded"
 _NAME = re.compile(r"^step_(\d{8,})$")
+#: Words of torch's and safetensors' messages for a failed write (they wrap the OSError).
+WRITE_FAILURE_WORDS = ("write", "No space left", "StorageFull", "os error", "IoError")
 _LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
 
 
@@ -182,17 +186,37 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()  # every process has written its random states
+        try:
+            acc.save_state(str(tmp))
+            acc.wait_for_everyone()  # every process has written its random states
+            if acc.is_main_process:
+                for file_name, value in (documents or {}).items():
+                    (tmp / file_name).write_text(json.dumps(value, indent=2) + "\n")
+                (tmp / STATE_FILE).write_text(json.dumps(dict(trainer_state), indent=2) + "\n")
+                _fsync_tree(tmp)
+        except (OSError, RuntimeError, SafetensorError) as err:
+            raise self._write_failed(err, tmp, name) from None
         if acc.is_main_process:
-            for file_name, value in (documents or {}).items():
-                (tmp / file_name).write_text(json.dumps(value, indent=2) + "\n")
-            (tmp / STATE_FILE).write_text(json.dumps(dict(trainer_state), indent=2) + "\n")
-            _fsync_tree(tmp)
             self._publish(tmp, final)
             self._prune()
         acc.wait_for_everyone()
         return final
+
+    def _write_failed(self, err: Exception, tmp: Path, name: str) -> Exception:
+        """A failed write (a full disk: torch and safetensors wrap the OSError in their own
+        errors) becomes one line saying the last good checkpoint is intact; the half-written
+        folder is removed. Any other error is returned as it is."""
+        text = str(err)
+        if not isinstance(err, OSError) and not any(w in text for w in WRITE_FAILURE_WORDS):
+            return err
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, OSError):
+            code = errno.ENOSPC if "No space left" in text or "StorageFull" in text else None
+            err = OSError(code, os.strerror(code) if code else text.strip().splitlines()[-1])
+        done = list_checkpoints(self.directory)
+        keep = (f"the last good checkpoint {done[-1]} is intact: free space and continue with --resume"
+                if done else "no earlier checkpoint of this run exists")
+        return writing_failed(err, f"checkpoint {name} in {self.directory}", keep)
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename the finished ``tmp`` folder to ``final`` (replacing a checkpoint of the same step)."""

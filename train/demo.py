@@ -52,6 +52,8 @@ import torch
 
 from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
+from common.interrupts import CHILD_GRACE_SECONDS, signal_of, wait_child
+from common.outputs import output_folder
 from shards.build import build
 from shards.inspection import contact_sheet, random_samples, summary_table
 from shards.manifest import MANIFEST_NAME
@@ -256,6 +258,7 @@ def make_demo(args: argparse.Namespace) -> Demo:
             raise UserError(f"{option} {value}: must be at least 1")
     if root is not None and not root.is_dir():
         raise UserError(f"--root {root} is not a folder (expected a {METHOD_LAYOUTS[args.method]} dataset)")
+    output_folder(args.out, "--out", create=False)
     imagenet = args.imagenet.expanduser().resolve() if args.imagenet is not None else None
     if imagenet is not None and not imagenet.is_file():
         raise UserError(f"--imagenet {args.imagenet}: no such file (expected an ImageNet ResNet-50 state dict)")
@@ -526,6 +529,27 @@ def stage_finetune(demo: Demo, records: StageRecords, fingerprint: str) -> tuple
     pending = [j for j in jobs if not (j.status == "same" and (j.out / RESULTS_FILE).is_file())]
     running: list[FinetuneJob] = []
     reused = len(jobs) - len(pending)
+    try:
+        run_jobs(demo, pending, running)
+    except KeyboardInterrupt as err:  # a stopped demo stops its runs too (as common.interrupts.wait_child)
+        for job in running:
+            job.process.send_signal(signal_of(err))
+        for job in running:
+            try:
+                job.process.wait(timeout=CHILD_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                job.process.kill()
+                job.process.wait()
+        raise
+    runs = {run_name(j.arm, j.seed): {"arm": j.arm.name, "init": j.arm.init, "label_fraction": j.arm.label_fraction,
+                                      "seed": j.seed, **read_finetune(j.out)} for j in jobs}
+    note = f"{len(jobs)} runs ({len(demo_arms(demo))} arms x {len(demo.seeds)} seeds)"
+    return runs, note + (f", {reused} finished run(s) reused" if reused else "") + f" in {demo.run_dir}"
+
+
+def run_jobs(demo: Demo, pending: list[FinetuneJob], running: list[FinetuneJob]) -> None:
+    """Start ``pending`` jobs, ``demo.jobs`` at a time, until all have finished; print a line per
+    finished run; a failed run stops the others and is a :class:`StageFailed`."""
     while pending or running:
         while pending and len(running) < demo.jobs:
             job = pending.pop(0)
@@ -553,10 +577,6 @@ def stage_finetune(demo: Demo, records: StageRecords, fingerprint: str) -> tuple
                   f"mAP {100 * result['metrics']['mAP']:.2f}"
                   + (f", RGB->RGB R1 {100 * same['R1']:.2f}" if same else "")
                   + f" ({_duration(result['seconds'])})", flush=True)
-    runs = {run_name(j.arm, j.seed): {"arm": j.arm.name, "init": j.arm.init, "label_fraction": j.arm.label_fraction,
-                                      "seed": j.seed, **read_finetune(j.out)} for j in jobs}
-    note = f"{len(jobs)} runs ({len(demo_arms(demo))} arms x {len(demo.seeds)} seeds)"
-    return runs, note + (f", {reused} finished run(s) reused" if reused else "") + f" in {demo.run_dir}"
 
 
 def thread_environment(threads: int) -> dict[str, str]:
@@ -574,8 +594,9 @@ def run_child(command: list[str], log: Path, progress: bool, threads: int) -> No
     with open(log, "a") as f:
         f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}\n{' '.join(command)}\n\n")
         f.flush()
-        code = subprocess.call(command, stdout=f, stderr=None if progress else subprocess.STDOUT,
-                               env=thread_environment(threads))
+        with subprocess.Popen(command, stdout=f, stderr=None if progress else subprocess.STDOUT,
+                              env=thread_environment(threads)) as child:
+            code = wait_child(child)  # a stopped demo stops its stage too (common.interrupts)
     if code:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
         raise StageFailed(f"{command[2]} failed (exit status {code}): {lines[-1] if lines else ''} -- log: {log}")

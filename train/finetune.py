@@ -234,6 +234,9 @@ class FinetuneConfig:
                 raise UserError(f"--{key} must not be negative, got {value}")
         if self.ids_per_batch < 2:
             raise UserError("--ids_per_batch must be at least 2: the triplet loss needs two identities per batch")
+        if self.instances < 2 and self.sampler != "cross_modal" and self.triplet_weight > 0:
+            raise UserError("--instances must be at least 2: with one image per identity a batch has no positive "
+                            "pair for the triplet loss (or set --triplet_weight 0)")
         if min(self.image_size) < 16:
             raise UserError(f"--image_size {self.image_size} is too small (at least 16 x 16)")
         if backbone_entry(self.arch).family == "vit" and (self.image_size[0] % 16 or self.image_size[1] % 16):
@@ -749,8 +752,16 @@ def load_for_evaluation(path: str | Path, device: str | torch.device | None = No
         if document.get("format") != FORMAT:
             raise UserError(f"{folder / DOCUMENT} has format {document.get('format')!r}, expected {FORMAT!r}")
         config = from_dict(FinetuneConfig, document["config"])
+        if size and tuple(size) != tuple(config.image_size):
+            raise UserError(f"--size {size[0]} {size[1]}: {folder} was fine-tuned at {config.image_size[0]}x"
+                            f"{config.image_size[1]} and is evaluated at that size; --size is for exported backbones")
         model = ReIDModel(create_backbone(config.arch, tuple(config.image_size)), int(document["num_classes"]))
-        model.load_state_dict(load_model_state(folder))
+        try:
+            model.load_state_dict(load_model_state(folder))
+        except RuntimeError as err:  # weights of another architecture
+            detail = [line.strip() for line in str(err).strip().splitlines()][1:2] or [str(err).strip()]
+            raise UserError(f"{folder}: its weights do not fit the {config.arch} model its config names, they come "
+                            f"from another architecture ({detail[0][:200]})") from None
         which, image_size, normalization = config.eval_feature, tuple(config.image_size), config.normalization
         protocol = document.get("protocol")
         regdb_trial = config.regdb_trial if protocol in PROTOCOLS and PROTOCOLS[protocol].trained_per_trial else None

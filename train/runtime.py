@@ -29,6 +29,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
 
 from common.errors import UserError
+from common.outputs import output_folder
 from train.checkpointing import CHECKPOINTS, list_checkpoints, resolve_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
@@ -45,7 +46,11 @@ def new_accelerator(**settings: Any) -> Accelerator:
     settings (pre-training in bf16, then fine-tuning in float32, from Python, as the demo's
     stages or a notebook do). A run's accelerator state is dropped before the next run builds its
     own; the process group, when there is one, is kept (``PartialState``).
+
+    cuDNN's autotuner is switched on: training steps run at one fixed input shape (MMGL's step is
+    mostly ResNet-50 convolutions), so the fastest algorithm is searched once per shape.
     """
+    torch.backends.cudnn.benchmark = True
     AcceleratorState._reset_state()
     return Accelerator(**settings)
 
@@ -82,8 +87,9 @@ def check_run_dir(run_dir: str | Path, resume: Optional[str], *, latest_may_be_m
     resume: None (a fresh run: ``run_dir`` must not hold checkpoints, so a run is never
     overwritten by mistake), ``latest`` or a checkpoint / run folder
     (:func:`train.checkpointing.resolve_checkpoint`). With ``latest_may_be_missing``, ``latest``
-    in a run folder without checkpoints starts afresh (fine-tuning's "run or continue")."""
-    run_dir = Path(run_dir)
+    in a run folder without checkpoints starts afresh (fine-tuning's "run or continue").
+    A ``run_dir`` that is a file or cannot be written is refused before anything is built."""
+    run_dir = output_folder(run_dir, "--output_dir", create=False)
     if resume is None:
         if list_checkpoints(run_dir / CHECKPOINTS):
             raise UserError(f"{run_dir} already holds checkpoints of a run: pass --resume latest to continue it, "

@@ -53,7 +53,7 @@ class TrainConfig:
     split: str = setting("train", "which split of the shards to train on")
     source: Literal["auto", "dali", "wds", "cache"] = setting("auto", "see pipelines.sources.make_source")
     num_workers: Optional[int] = setting(None, "webdataset workers / DALI threads (default: all cores)")
-    skip_damaged: bool = setting(False, "train without shards whose size differs from the manifest (default: refuse them)")
+    skip_damaged: bool = setting(False, "train without shards whose content differs from the manifest (default: refuse them)")
     # length
     epochs: int = setting(100, "epochs of the schedules")
     max_steps: int = setting(0, "stop after this step of the full schedule (0: run every epoch)")

@@ -48,7 +48,7 @@ def require_modalities(checked: SplitShards, sampler: str) -> None:
         raise UserError(
             f"the {sampler} sampler puts RGB and infrared images in every batch, but split {checked.split!r} of "
             f"{checked.folder} has no {' and no '.join(names[m] for m in missing)} image; use a multi-modal "
-            "dataset such as SYSU-MM01 or RegDB"
+            "dataset such as SYSU-MM01 (split train), or RegDB (its shards hold one split: --split all)"
         )
 
 
@@ -106,10 +106,10 @@ def make_source(
               ``CachedSplit -> Sampler``.
     rank, world: default from torch.distributed or ``RANK`` / ``WORLD_SIZE``.
     num_workers: webdataset DataLoader workers / DALI threads (default: all cores).
-    skip_damaged: a shard whose size differs from the manifest (truncated, rewritten) is refused
-              with a :class:`UserError` naming it; with ``skip_damaged`` the webdataset fallback
-              (and the cache, filled through it) leave it out with a warning and count what they
-              skipped, while DALI, which cannot read past a broken file safely, still refuses.
+    skip_damaged: a shard whose content differs from the manifest (truncated, a changed byte:
+              :mod:`pipelines.integrity`) is refused with a :class:`UserError` naming it; with
+              ``skip_damaged`` every source leaves it out with a warning and counts its samples
+              in ``skipped``.
     """
     if source not in SOURCES:
         raise UserError(f"unknown source {source!r}; expected one of: {', '.join(SOURCES)}")
@@ -140,7 +140,7 @@ def make_source(
                 f"{budget / 2**30:.2f} GiB; raise the budget or use the random sampler"
             )
         else:
-            source = "dali" if dali_available() and not checked.damaged else "wds"
+            source = "dali" if dali_available() else "wds"
     elif needs_cache and source != "cache":
         raise UserError(f"sampler {sampler!r} works with the device cache only (--source cache or auto), not {source}")
     workers = num_workers
@@ -159,7 +159,7 @@ def make_source(
             "raise budget_bytes, lower the image size, or use --source dali / wds"
         )
     fill = dict(common, batch_size=CACHE_FILL_BATCH, shuffle=False)
-    if dali_available() and not checked.damaged:
+    if dali_available():
         stream: Source = DaliSource(checked, rank=0, world=1, drop_last=False, num_threads=workers, **fill)
     else:
         stream = WdsSource(checked, rank=0, world=1, drop_last=False,

@@ -36,7 +36,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +44,9 @@ import torch
 
 from pipelines.batch import Batch
 from common.errors import DataWarning, UserError
+from pipelines.integrity import check_shards
 from shards.format import IMAGE_EXT, INDEX_VERSION, LABEL_EXT, parse_index
-from shards.manifest import Manifest, load_manifest
+from shards.manifest import Manifest, label_problems, load_manifest
 
 VERIFY_HINT = "run `python -m shards verify {folder}` to see which shards are damaged, then rebuild them"
 #: Path prefix of this package's files: warnings are attributed to the first caller outside it.
@@ -87,14 +88,16 @@ class ShardRef:
 
 @dataclass
 class SplitShards:
-    """A checked split: its manifest, the usable shards (in manifest order) and those whose size
-    does not match the manifest (only filled when the caller tolerates them)."""
+    """A checked split: its manifest, the usable shards (in manifest order) and those whose
+    content does not match the manifest (only filled when the caller tolerates them)."""
 
     folder: Path
     split: str
     manifest: Manifest
     shards: list[ShardRef]
     damaged: list[ShardRef]
+    #: why each damaged shard is left out, by shard name
+    reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -118,16 +121,21 @@ def open_split(folder: str | os.PathLike, split: str, *, tolerate_damaged: bool 
     Refused with :class:`UserError`: an unknown split; a listed tar or index missing; a tar of
     the split in the folder that the manifest does not list; an index whose sample count differs
     from the manifest; shards without the binary label member (built by something else). A tar
-    whose size differs from the manifest (truncated, rewritten) is refused too, unless
-    ``tolerate_damaged``: then it is returned in ``damaged`` for the caller to skip.
+    whose content differs from the manifest (:func:`pipelines.integrity.check_shards`: size,
+    sha256, index) is refused too, unless ``tolerate_damaged``: then it is returned in
+    ``damaged`` (with its reason in ``reasons``) for the caller to skip.
     """
     folder = Path(folder)
     manifest = load_manifest(folder)
     listed = manifest.shards_of(split)
     if not listed:
         have = sorted({s.split for s in manifest.shards})
-        raise UserError(f"{folder} has no shards for split {split!r}; it has: {', '.join(have) or 'none'}")
+        hint = " (RegDB shards keep every image in split 'all': pass --split all)" if have == ["all"] else ""
+        raise UserError(f"{folder} has no shards for split {split!r}; it has: {', '.join(have) or 'none'}{hint}")
     hint = VERIFY_HINT.format(folder=folder)
+    inconsistent = label_problems(manifest)
+    if inconsistent:
+        raise UserError(f"the manifest of {folder} is inconsistent: {inconsistent[0]}; {hint}")
     missing = [s.file for s in listed if not (folder / s.file).is_file()]
     missing += [s.index for s in listed if not (folder / s.index).is_file()]
     if missing:
@@ -142,19 +150,16 @@ def open_split(folder: str | os.PathLike, split: str, *, tolerate_damaged: bool 
             f"{folder} holds shards of split {split!r} that its manifest does not list: "
             f"{', '.join(unlisted[:5])}; they were added or the manifest was replaced -- {hint}"
         )
-    shards, damaged = [], []
-    for s in listed:
-        ref = ShardRef(s.file, folder / s.file, folder / s.index, s.samples, s.bytes, s.sha256)
-        size = ref.path.stat().st_size
-        if size != s.bytes:
-            if not tolerate_damaged:
-                raise UserError(
-                    f"shard {ref.path} has {size} bytes but the manifest says {s.bytes} "
-                    f"(truncated or changed after the build); {hint}"
-                )
-            damaged.append(ref)
-            continue
-        shards.append(ref)
+    refs = [ShardRef(s.file, folder / s.file, folder / s.index, s.samples, s.bytes, s.sha256) for s in listed]
+    # The content check (pipelines.integrity): no byte that differs from the build is read.
+    reasons = {d.name: d.reason for d in check_shards(folder, refs)}
+    if reasons and not tolerate_damaged:
+        name, reason = next(iter(reasons.items()))
+        more = f" (and {len(reasons) - 1} more damaged shard(s))" if len(reasons) > 1 else ""
+        raise UserError(f"shard {folder / name} is damaged: {reason}{more}; {hint}, or pass --skip_damaged "
+                        "to leave damaged shards out")
+    shards = [r for r in refs if r.name not in reasons]
+    damaged = [r for r in refs if r.name in reasons]
     if not shards:
         raise UserError(f"no usable shard left for split {split!r} in {folder}; {hint}")
     for ref in shards:
@@ -181,7 +186,7 @@ def open_split(folder: str | os.PathLike, split: str, *, tolerate_damaged: bool 
                 f"written by `python -m shards build`, which stores the labels DALI reads in KEY.{LABEL_EXT}: "
                 "rebuild them with it"
             )
-    return SplitShards(folder, split, manifest, shards, damaged)
+    return SplitShards(folder, split, manifest, shards, damaged, reasons)
 
 
 def resolve_rank(rank: int | None, world: int | None) -> tuple[int, int]:
@@ -254,6 +259,19 @@ class Source:
         #: samples skipped because their shard or image was damaged (webdataset fallback/cache)
         self.skipped = 0
         self.skipped_shards: list[str] = []
+
+    def _leave_out_damaged(self, split: "SplitShards") -> None:
+        """Count and announce the damaged shards that ``open_split`` left out of ``split``."""
+        if not split.damaged:
+            return
+        self.skipped += sum(s.samples for s in split.damaged)
+        self.skipped_shards += [s.name for s in split.damaged]
+        warn_source(
+            f"skipping {len(split.damaged)} damaged shard(s) of split {split.split!r} "
+            f"({sum(s.samples for s in split.damaged)} samples): "
+            + ", ".join(f"{s.path} ({split.reasons.get(s.name, 'damaged')})" for s in split.damaged)
+            + f"; {VERIFY_HINT.format(folder=split.folder)}"
+        )
 
     # subclasses: number of batches of an epoch, and the epoch's stream from a position
     def __len__(self) -> int:

@@ -18,6 +18,24 @@ DALI's threads also need was 10-20x slower on 2 cores. The resizing thread then 
 CPU path at roughly 1 / (torch resize time) images/s (~9,000/s on one core here), so DALI gets
 one thread fewer than the cores by default.
 
+Pixels and streams on the GPU
+-----------------------------
+The ``mixed`` decoder runs with ``jpeg_fancy_upsampling=True``: "use the same chroma upsampling
+approach as the ``cpu`` one" (DALI's ``fn.decoders.image`` documentation), i.e. libjpeg-turbo's
+fancy (triangular) upsampling of 4:2:0 chroma, which PIL and DALI's CPU decoder use. Without it
+nvJPEG replicates chroma samples and the GPU pixels differ from the CPU/PIL ones by several levels
+on colour edges. Outputs are asked for on torch's current stream (``pipe.run(stream)``: DALI's
+executor makes them ready in that stream's order instead of synchronizing the host), copied on
+that same stream into a torch tensor (``feed_ndarray``, as DALI's own PyTorch iterator does), and
+the DALI output objects are kept until the copy that reads them has finished (a CUDA event checked
+before they are dropped), so DALI never recycles a buffer the copy still reads.
+
+CPU buffers
+-----------
+On the CPU the batch is resized into a buffer of :class:`pipelines.sources.buffers.HostBuffers`:
+reused once the consumer has dropped the previous batches, so an epoch allocates no large buffer
+per batch (see that module for the page faults this avoids).
+
 One DALI pipeline per epoch
 ---------------------------
 Each epoch builds a fresh pipeline whose reader gets the split's tar files in that epoch's
@@ -35,12 +53,14 @@ that, but it has to be kept in lockstep with the prefetch queue; replaying is si
 
 Damaged shards
 --------------
-A tar shorter than the manifest says would make DALI read past the end of a memory-mapped file,
-so every tar's size is checked against the manifest before a pipeline is built
-(:func:`pipelines.sources.base.open_split`): a mismatch is a :class:`UserError` naming the
-shard. Damage that keeps the size (flipped bytes) surfaces as a DALI error while decoding; the
-source then hashes the split's shards, names those whose sha256 differs from the manifest (or,
-when all match, repeats DALI's message) and suggests ``python -m shards verify DIR``.
+DALI can crash the whole process (exit 139) on some damaged JPEG streams, so it must never see
+one. Two guarantees protect it: the builder stores only JPEGs whose structure DALI's parser
+accepts (:mod:`shards.jpeg`), and :func:`pipelines.sources.base.open_split` hands over only
+tars whose every byte matches the manifest's sha256 (:mod:`pipelines.integrity`); a damaged tar
+is a :class:`UserError` naming it, or, with ``skip_damaged``, is left out and counted. A DALI
+error that still happens (a file changed while training runs) is turned into a
+:class:`UserError` by :meth:`DaliSource._diagnose`, which names the shard(s) whose sha256 now
+differs.
 """
 
 from __future__ import annotations
@@ -54,6 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.batch import Batch
+from pipelines.sources.buffers import HostBuffers
 from pipelines.sources.base import (
     VERIFY_HINT,
     Source,
@@ -159,14 +180,10 @@ class DaliSource(Source):
         fit: str = "resize",
     ):
         if not dali_available():
-            raise UserError("the DALI source needs nvidia-dali (pip install nvidia-dali-cuda120); use --source wds")
+            raise UserError("the DALI source needs nvidia-dali (pip install -e '.[dali]', or '.[dali-cuda13]' "
+                            "with torch for CUDA 13); use --source wds")
         super().__init__(batch_size=batch_size, seed=seed, rank=rank, world=world, drop_last=drop_last, device=device)
-        if split.damaged:
-            raise UserError(
-                "damaged shards: "
-                + ", ".join(str(s.path) for s in split.damaged)
-                + f" differ in size from the manifest; {VERIFY_HINT.format(folder=split.folder)}"
-            )
+        self._leave_out_damaged(split)  # open_split already took them out of split.shards
         self.split = split
         self.size = (int(size[0]), int(size[1]))
         self.fit = fit
@@ -182,6 +199,8 @@ class DaliSource(Source):
         self._len = batches_per_epoch(self.total, rank, world, self.batch_size, drop_last)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {self.device} was asked for but CUDA is not available")
+        self._host = HostBuffers((self.batch_size, 3, *self.size))
+        self._in_flight: tuple | None = None  # (DALI outputs, event after the copy that reads them)
 
     def __len__(self) -> int:
         return self._len
@@ -217,7 +236,9 @@ class DaliSource(Source):
                 prefetch_queue_depth=self.prefetch,
                 name="reader",
             )
-            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            # fancy upsampling: the GPU's chroma upsampling made libjpeg-turbo's (module docstring)
+            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                       jpeg_fancy_upsampling=gpu)
             if gpu and self.fit == "canvas":
                 images, valid = canvas_graph(jpegs, images, self.size)
                 labels = fn.cat(labels, valid, axis=0)  # labels_to_batch reads columns 4, 5
@@ -230,15 +251,17 @@ class DaliSource(Source):
         pipe.build()
         return pipe
 
+    def _run(self, pipe):
+        """The next outputs; on a GPU bound to torch's current stream (module docstring)."""
+        if self.device.type == "cuda":
+            return pipe.run(torch.cuda.current_stream(self.device))
+        return pipe.run()
+
     def _to_batch(self, images, labels, take: int) -> Batch:
         lab = torch.from_dlpack(labels.as_tensor())[:take]
         if self.device.type == "cuda":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-
-            out = torch.empty((self.batch_size, 3, *self.size), dtype=torch.uint8, device=self.device)
-            feed_ndarray(images.as_tensor(), out, cuda_stream=torch.cuda.current_stream(self.device))
-            return labels_to_batch(out[:take], lab.clone(), self.device)
-        out = torch.empty((take, 3, *self.size), dtype=torch.uint8)
+            return labels_to_batch(self._copy_to_device(images, labels)[:take], lab.clone(), self.device)
+        out = self._host.take()[:take]
         with single_intra_op_thread():
             if self.fit == "canvas":
                 valid = torch.tensor([place_on_canvas(out[i], np.asarray(images[i])) for i in range(take)],
@@ -249,6 +272,27 @@ class DaliSource(Source):
                     resize_into(out[i], np.asarray(images[i]))
         return labels_to_batch(out, lab, self.device)  # int32 -> int64 copies the labels
 
+    def _copy_to_device(self, images, labels) -> torch.Tensor:
+        """DALI's GPU batch copied, on torch's current stream, into a new device tensor; the
+        outputs stay referenced until that copy has finished (module docstring)."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        stream = torch.cuda.current_stream(self.device)
+        out = torch.empty((self.batch_size, 3, *self.size), dtype=torch.uint8, device=self.device)
+        feed_ndarray(images.as_tensor(), out, cuda_stream=stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        self._release_in_flight()
+        self._in_flight = (images, labels, done)
+        return out
+
+    def _release_in_flight(self) -> None:
+        """Drop the previous batch's DALI outputs once the copy reading them has finished (by
+        then it has, a step later; the wait only bounds how far the host runs ahead)."""
+        if self._in_flight is not None:
+            self._in_flight[-1].synchronize()
+            self._in_flight = None
+
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         try:
             pipe = self._pipeline(epoch)
@@ -257,7 +301,7 @@ class DaliSource(Source):
         try:
             for i in range(self._len):
                 try:
-                    images, labels = pipe.run()
+                    images, labels = self._run(pipe)
                 except RuntimeError as err:
                     raise self._diagnose(err) from None
                 if i < skip:
@@ -267,6 +311,7 @@ class DaliSource(Source):
                     take = self.rank_samples - i * self.batch_size
                 yield self._to_batch(images, labels, take)
         finally:
+            self._release_in_flight()
             del pipe
 
     def _diagnose(self, err: Exception) -> UserError:

@@ -19,6 +19,13 @@ of chunks (empty ones at its end), so the DataLoader's round robin delivers a fi
 reproducible order; the main process concatenates chunks and cuts exact batches, moving them to
 the device. ``len(source)`` follows the epoch-length rule of :mod:`pipelines.sources.base`.
 
+Host memory: a chunk that is exactly the next batch (the usual case: workers cut their chunks at
+the batch size) is passed on as it came, without a copy; batches that span chunks are joined into
+a reused buffer (:class:`pipelines.sources.buffers.HostBuffers`) on the CPU, or into page-locked
+memory when the batch goes to a GPU, so that ``.to(cuda, non_blocking=True)`` really is
+asynchronous (the DataLoader pins the chunks themselves; a join into ordinary memory would make
+the copy synchronous again).
+
 Resuming: chunks that lie wholly inside the consumed batches are not decoded (only read through
 the shuffle buffer), so skipping a resumed epoch's first batches costs little. The resumed stream
 is exact as long as no sample was lost to damage in the skipped part.
@@ -43,6 +50,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipelines.batch import Batch
+from pipelines.sources.buffers import HostBuffers, pinned_empty
 from pipelines.sources.base import (
     VERIFY_HINT,
     ShardRef,
@@ -274,15 +282,8 @@ class WdsSource(Source):
         self.rank_samples = hi - lo
         self._len = batches_per_epoch(self.total, rank, world, self.batch_size, drop_last)
         self._warned_pad = False
-        if split.damaged:
-            self.skipped += sum(s.samples for s in split.damaged)
-            self.skipped_shards += [s.name for s in split.damaged]
-            warn_source(
-                f"skipping {len(split.damaged)} damaged shard(s) of split {split.split!r} "
-                f"({self.skipped} samples): "
-                + ", ".join(f"{s.path} (size differs from the manifest)" for s in split.damaged)
-                + f"; {VERIFY_HINT.format(folder=split.folder)}"
-            )
+        self._host = HostBuffers((self.batch_size, 3, *self.size))
+        self._leave_out_damaged(split)
 
     def __len__(self) -> int:
         return self._len
@@ -311,6 +312,20 @@ class WdsSource(Source):
                 f"{VERIFY_HINT.format(folder=self.split.folder)}"
             )
 
+    def _join(self, chunks: list[torch.Tensor], n: int) -> torch.Tensor:
+        """The first ``n`` images of ``chunks`` (uint8 ``(k, 3, H, W)`` each) in one batch tensor:
+        page-locked when it goes to a GPU, else a reused host buffer (module docstring)."""
+        shape = (n, 3, *self.size)
+        out = pinned_empty(shape) if self.device.type == "cuda" else self._host.take()[:n]
+        filled = 0
+        for chunk in chunks:
+            k = min(len(chunk), n - filled)
+            out[filled:filled + k].copy_(chunk[:k])
+            filled += k
+            if filled == n:
+                break
+        return out
+
     def _epoch_batches(self, epoch: int, skip: int) -> Iterator[Batch]:
         stream = self._stream(epoch, skip)
         workers = self.num_workers
@@ -331,11 +346,22 @@ class WdsSource(Source):
         last: tuple[torch.Tensor, torch.Tensor] | None = None
 
         def cut(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """The next ``n`` pending samples; the rest stay pending (module docstring: copies)."""
             nonlocal have, pending_i, pending_l
-            imgs, labs = torch.cat(pending_i), torch.cat(pending_l)
-            pending_i, pending_l = [imgs[n:]], [labs[n:]]
             have -= n
-            return imgs[:n], labs[:n]
+            if len(pending_i[0]) == n:  # exactly one chunk: no copy
+                imgs, labs = pending_i.pop(0), pending_l.pop(0)
+                return imgs, labs
+            imgs, labs = self._join(pending_i, n), torch.cat(pending_l)[:n]
+            rest_i, rest_l, taken = [], [], 0
+            for chunk_i, chunk_l in zip(pending_i, pending_l):
+                skip = min(len(chunk_i), max(0, n - taken))
+                taken += len(chunk_i)
+                if skip < len(chunk_i):
+                    rest_i.append(chunk_i[skip:])
+                    rest_l.append(chunk_l[skip:])
+            pending_i, pending_l = rest_i, rest_l
+            return imgs, labs
 
         def to_batch(imgs: torch.Tensor, labs: torch.Tensor) -> Batch:
             imgs = imgs.to(self.device, non_blocking=True)

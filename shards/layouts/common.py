@@ -65,9 +65,11 @@ def require_file(root: Path, name: str, layout: str) -> Path:
 
 
 def image_files(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in ``folder`` (by ending, case-insensitive), sorted; other files are ignored."""
+    """Image files in ``folder`` (by ending, case-insensitive), sorted; other files are ignored.
+    A broken symbolic link with an image ending is kept: the builder rejects it with its reason."""
     pattern = "**/*" if recursive else "*"
-    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_SUFFIXES
+                  and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def relative(path: Path, root: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.textfiles import read_user_text
 from shards.layouts.common import LayoutScan, Record, require_dir, require_file
 from shards.manifest import Rejected
 
@@ -27,7 +28,7 @@ def scan_msmt17(root: Path) -> LayoutScan:
     scan = LayoutScan(base=root)
     seen: set[str] = set()
     for list_path, folder, split in lists:
-        for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_user_text(list_path).splitlines(), start=1):
             if not line.strip():
                 continue
             where = f"{list_path.name}:{number}"

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from common.errors import UserError
+from common.textfiles import read_user_text
 from shards.layouts.common import LayoutScan, Record, images_in_pid_folders, require_dir
 from shards.manifest import Trial
 
@@ -21,7 +22,7 @@ TRIAL_LIST = re.compile(r"^train_visible_(\d+)\.txt$")
 def _list_pids(path: Path, root: Path) -> set[int]:
     """The identities (folder numbers) of the images a trial list names."""
     pids = set()
-    for line in path.read_text().splitlines():
+    for line in read_user_text(path).splitlines():
         if not line.strip():
             continue
         relpath = Path(line.split()[0])

@@ -16,6 +16,19 @@ After the loss, each center moves towards the mean of the teacher's outputs of i
 G views and the batch of every process (sum, all-reduce, divide by ``G * B * world``), with EMA
 momentum ``center_momentum`` (0.9), as DINO's ``update_center``. The loss is computed in float32
 whatever the autocast setting.
+
+Memory: with ``out_dim`` 65,536 a student tensor of the CLS type is ``(11, B, 65536)``; written
+the plain way (``log_softmax`` of the whole tensor in float32, one ``targets[g] * log_probs``
+product per teacher view) the loss holds several float32 copies of it at once, and autograd keeps
+the log-probabilities for backward. :class:`ViewCrossEntropy` uses the identity
+``sum_d -q_d log_softmax(x)_d = logsumexp(x) - q . x`` (``sum_d q_d = 1``) one student view at a
+time, and recomputes the softmax view by view in backward: it keeps only the student tensor (in
+its own dtype) and the float32 targets, plus one ``(B, D)`` float32 view at a time.
+``python -m benchmarks.dino_memory`` measures the peak against the plain form.
+
+Compilation: the all-reduce and the in-place update of ``center`` run outside any compiled graph
+(:meth:`DINOLoss._move_centers` is excluded from ``torch.compile``), so a compiled step neither
+traces a collective nor guards on a mutated buffer.
 """
 
 from __future__ import annotations
@@ -73,11 +86,11 @@ class DINOLoss(nn.Module):
         with torch.autocast(device_type=self.center.device.type, enabled=False):
             sums, counts = [], []
             for t, (s, q) in enumerate(zip(student, teacher)):
-                total, count = self._token_terms(s.float(), q.float().detach(), t)
+                total, count = self._token_terms(s, q.float().detach(), t)
                 sums.append(total)
                 counts.append(count)
             loss = torch.stack(sums).sum() / sum(counts)
-            self.update_center(teacher)
+        self.update_center(teacher)
         return DINOLossOutput(loss, torch.stack([s.detach() / c for s, c in zip(sums, counts)]))
 
     def _token_terms(self, student: torch.Tensor, teacher: torch.Tensor, t: int) -> tuple[torch.Tensor, int]:
@@ -87,10 +100,7 @@ class DINOLoss(nn.Module):
             raise ValueError(f"token type {t}: student {tuple(student.shape)} does not start with the "
                              f"teacher's {tuple(teacher.shape)} global views")
         targets = F.softmax((teacher - self.center[t]) / self.teacher_temp, dim=-1)  # (G, B, D)
-        log_probs = F.log_softmax(student / self.student_temp, dim=-1)  # (V, B, D)
-        # One teacher view at a time against all student views at once: elementwise in float32
-        # (a (G, V) matmul over B * D would run in TF32 on GPUs that allow it).
-        per_view = torch.stack([-(targets[g] * log_probs).sum(-1).mean(-1) for g in range(globals_)])  # (G, V)
+        per_view = ViewCrossEntropy.apply(student, targets, self.student_temp)  # (G, V)
         same_view = torch.eye(globals_, views, dtype=torch.bool, device=per_view.device)
         return per_view.masked_fill(same_view, 0.0).sum(), globals_ * views - globals_
 
@@ -98,9 +108,51 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher: Sequence[torch.Tensor]) -> None:
         """EMA of each center towards its token type's teacher mean over views, batch and processes."""
         sums = torch.stack([q.float().sum(dim=(0, 1)) for q in teacher])  # (T, D)
-        rows = teacher[0].shape[0] * teacher[0].shape[1]
+        self._move_centers(sums, teacher[0].shape[0] * teacher[0].shape[1])
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _move_centers(self, sums: torch.Tensor, rows: int) -> None:
+        """``center <- m * center + (1 - m) * all-reduced sums / (rows * world)``, eagerly (module
+        docstring: a buffer mutated and a collective inside a compiled forward)."""
         world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
             world = dist.get_world_size()
         self.center.mul_(self.center_momentum).add_(sums / (rows * world), alpha=1.0 - self.center_momentum)
+
+
+class ViewCrossEntropy(torch.autograd.Function):
+    """Every teacher view against every student view, one student view at a time (module docstring).
+
+    ``apply(student (V, B, D) any float dtype, targets (G, B, D) float32 rows summing to 1,
+    student_temp)`` -> float32 ``(G, V)``: ``out[g, v] = mean_b sum_d -targets[g, b, d] *
+    log_softmax(student[v, b] / student_temp)_d``. Gradients flow to ``student`` only (the
+    targets are the teacher's, detached). Elementwise float32 throughout: a ``(G, V)`` matmul
+    over ``B * D`` would run in TF32 on GPUs that allow it.
+    """
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, targets: torch.Tensor, student_temp: float) -> torch.Tensor:
+        views, batch = student.shape[0], student.shape[1]
+        out = student.new_empty((targets.shape[0], views), dtype=torch.float32)
+        for v in range(views):
+            x = student[v].float() / student_temp  # (B, D), the only float32 copy alive
+            lse = torch.logsumexp(x, dim=-1)  # (B,)
+            for g in range(targets.shape[0]):
+                out[g, v] = (lse - (targets[g] * x).sum(-1)).sum() / batch
+        ctx.save_for_backward(student, targets)
+        ctx.student_temp = student_temp
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        student, targets = ctx.saved_tensors
+        tau, batch = ctx.student_temp, student.shape[1]
+        grad_student = torch.empty_like(student)
+        weights = grad.sum(0)  # (V,): d out[g, v] / d x sums the softmax once per teacher view
+        for v in range(student.shape[0]):
+            probs = torch.softmax(student[v].float() / tau, dim=-1)  # (B, D)
+            pulled = sum(grad[g, v] * targets[g] for g in range(targets.shape[0]))  # (B, D)
+            grad_student[v] = ((weights[v] * probs - pulled) / (batch * tau)).to(student.dtype)
+        return grad_student, None, None

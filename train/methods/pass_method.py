@@ -135,7 +135,10 @@ class PASS(Method):
         # with PASSViews' region-by-region order), so selecting them is a view, not a gather.
         self._region_views = [_as_index([v for v, r in enumerate(self.views.local_region) if r == k])
                               for k in range(num_parts)]
-        self._region_tensor: dict[tuple[int, torch.device], torch.Tensor] = {}
+        # The region of each local view, (L,) int64, a buffer so that it moves with the method
+        # and forward reads it without filling a cache (a compiled graph would guard on that).
+        self.register_buffer("local_region", torch.tensor(self.views.local_region, dtype=torch.int64),
+                             persistent=False)
         self._schedule_key: Optional[tuple[int, int]] = None
         self._momentum = np.empty(0)
         self._temperature = np.empty(0)
@@ -186,12 +189,9 @@ class PASS(Method):
         return [cls, *parts]
 
     def _local_regions(self, views: PASSViewBatch) -> torch.Tensor:
-        """int64 ``(L * B,)``: the region of every local view row, built once per batch size."""
-        key = (views.batch_size, views.local_views.device)
-        if key not in self._region_tensor:
-            regions = torch.tensor(views.local_region, dtype=torch.int64)
-            self._region_tensor[key] = regions.repeat_interleave(views.batch_size).to(views.local_views.device)
-        return self._region_tensor[key]
+        """int64 ``(L * B,)``: the region of every local view row (view-major rows), made on
+        the device from the ``local_region`` buffer (no host copy, nothing cached)."""
+        return self.local_region[:, None].expand(-1, views.batch_size).reshape(-1)
 
     # --- schedules and bookkeeping ---------------------------------------------------------------
     def _schedules(self, progress: Progress) -> None:
