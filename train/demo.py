@@ -1,21 +1,26 @@
-"""The main job: pre-train, fine-tune from the export and from random init, compare.
+"""The main job: pre-train, fine-tune every arm with several seeds, compare with the noise.
 
-    python -m train.demo                        # MMGL on synthetic SYSU-MM01, small scale (4-10 min, 2 CPU cores)
+    python -m train.demo                        # MMGL on synthetic SYSU-MM01, small scale (2 CPU cores)
     python -m train.demo --method pass          # PASS on synthetic Market-1501
-    python -m train.demo --scale full --root /data/SYSU-MM01    # the full-size presets, for a GPU
+    python -m train.demo --scale full --root /data/SYSU-MM01 --imagenet resnet50.pth   # the paper's table, GPU
 
 Stages (each prints one line with its time when it ends)::
 
     data       synthetic dataset in the method's layout (skipped with --root)
     shards     shards build + verify + the summary table and contact-sheet.png (reused when up
                to date with the data)
-    pretrain   python -m train.pretrain (resumes from its last checkpoint)
+    pretrain   python -m train.pretrain on the training images, no labels (resumes from its
+               last checkpoint); --monitor_every evaluates the frozen backbone on the way
     export     python -m train.export --format native (recomputed: a second)
-    finetune   python -m train.finetune from the export, then from random init, each evaluated
-               under the layout's protocol (SYSU-MM01 all-search, 10 trials / Market-1501)
+    finetune   python -m train.finetune for every arm x seed (:func:`demo_arms`: pre-trained and
+               random init, ImageNet init with --imagenet; all labels and --label_fraction of
+               the training identities), --jobs at a time, each evaluated under the layout's
+               protocol (SYSU-MM01 all-search, 10 trials / Market-1501) plus RGB->RGB on SYSU
 
-then the two results side by side, ``results.json`` (every number, both inits, the curves) and
-``curves.png`` (pre-training loss and accuracy; fine-tuning loss and R1 / mAP per evaluation).
+then one line per arm (mean and spread over seeds, chance R1, test identities), a verdict per
+label setting ("within noise" unless the difference is at least the seed spread),
+``results.json`` (the ``summary`` rows, arms, verdicts, every run, the curves, the machine) and
+``curves.png``.
 
 Everything goes under ``OUT/<method>-<scale>/`` (``-<root folder name>`` with ``--root``), so
 scales and methods never collide. Re-running the same command reuses what is finished: the
@@ -144,7 +149,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--method", choices=sorted(METHOD_LAYOUTS), default="mmgl",
                         help="mmgl: RGB-IR, SYSU-MM01 layout (default); pass: RGB, Market-1501 layout")
     parser.add_argument("--scale", choices=SCALES, default="small",
-                        help="tiny: seconds, a smoke test (the tests); small (default): 4-10 min on a 2-core "
+                        help="tiny: seconds, a smoke test (the tests); small (default): sized for a 2-core "
                              "CPU, depending on its load; full: the full-size presets unchanged, for a GPU")
     parser.add_argument("--output_dir", "--out", dest="out", type=Path, default=Path("demo"),
                         help="output folder (default: demo)")
