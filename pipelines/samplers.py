@@ -176,13 +176,15 @@ class IdentitySampler(Sampler):
 
     salt = 2
 
-    def __init__(self, pid, batch_size: int, instances: int, *, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, pid, batch_size: int, instances: int, *, seed: int = 0, rank: int = 0, world: int = 1,
+                 keep=None):
+        """keep: optional bool ``(N,)``; only these rows are drawn (e.g. the labelled identities)."""
         super().__init__(batch_size, seed=seed, rank=rank, world=world)
         k = int(instances)
         if k < 1 or batch_size % k:
             raise UserError(f"batch size {batch_size} is not divisible by {k} instances per identity")
         self.k, self.p = k, batch_size // k
-        self.members = _pid_members(_as_long(pid))
+        self.members = _pid_members(_as_long(pid), None if keep is None else torch.as_tensor(keep, dtype=torch.bool))
         if len(self.members) < self.p:
             raise UserError(
                 f"a batch needs {self.p} identities ({batch_size} / {k} instances) but the split has "

@@ -6,6 +6,7 @@ Tiny synthetic SYSU-MM01 and Market-1501 shards are built once per session.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,12 +17,15 @@ from models.weights import NATIVE_FORMAT, load_backbone_weights
 from models.resnet import resnet_tiny_test
 from common.cli import run_cli
 from common.errors import UserError
+from shards.manifest import load_manifest
 from train.checkpointing import load_model_state
 from train.finetune import (
+    labelled_ids,
     load_for_evaluation,
     lr_factors,
     resolve_config,
     run_finetune,
+    training_data,
 )
 from train.evaluate import main as evaluate_main
 from train.evaluation import protocols as evaluation
@@ -333,3 +337,39 @@ def test_two_processes_share_the_evaluation_and_match_one(sysu_shards, tmp_path)
     results = evaluation.evaluate(loaded.embed, sysu_shards, "sysu", size=loaded.size, transform=loaded.transform,
                                     trials=2, batch_size=64, device="cpu", progress=False)
     assert shared == {r.setting: r.summary() for r in results}
+
+
+def test_labelled_ids_are_a_seeded_fraction():
+    pids = list(range(10, 50))
+    picked = labelled_ids(pids, 0.25, seed=3)
+    assert len(picked) == 10 and picked == sorted(picked) and set(picked) <= set(pids)
+    assert labelled_ids(pids, 0.25, seed=3) == picked  # the same seed: the same identities (both arms)
+    assert labelled_ids(pids, 0.25, seed=4) != picked
+    assert labelled_ids(pids, 1.0, seed=3) == pids and len(labelled_ids(pids, 0.01, seed=0)) == 2
+
+
+@pytest.mark.parametrize("sampler", ["cross_modal", "identity"])
+def test_a_label_scarce_sampler_draws_only_the_labelled_identities(sysu_shards, tmp_path, sampler):
+    config = tiny(sysu_shards, tmp_path / "run", "--label_fraction", "0.5", "--sampler", sampler)
+    manifest = load_manifest(sysu_shards)
+    data = training_data(config, manifest, rank=0, world=1)
+    everyone = sorted(manifest.pid_to_label)
+    assert data.pids.tolist() == labelled_ids(everyone, 0.5, config.seed)
+    pid = torch.tensor([p for p in everyone for _ in range(6)])
+    modality = torch.tensor([0, 0, 0, 1, 1, 1] * len(everyone))
+    draws = data.sampler(SimpleNamespace(pid=pid, modality=modality))
+    seen = {int(pid[i]) for batch in draws.epoch_table(0).tolist() for i in batch}
+    assert seen <= set(data.pids.tolist()) and len(seen) >= config.ids_per_batch
+
+
+def test_label_scarce_fine_tuning_classifies_the_labelled_identities(sysu_shards, tmp_path):
+    result = run_finetune(tiny(sysu_shards, tmp_path / "run", "--label_fraction", "0.5"))
+    report = json.loads((result.output_dir / "results.json").read_text())
+    train_ids = len(load_manifest(sysu_shards).pid_to_label)
+    assert report["labelled_ids"] == max(2, round(0.5 * train_ids))
+    classifier = [v for k, v in load_model_state(result.checkpoint).items() if k.endswith("classifier.weight")]
+    assert classifier[0].shape[0] == report["labelled_ids"]
+    # the same-modality reference figure on SYSU shards
+    assert report["same_modality"]["setting"].startswith("RGB->RGB") and 0 <= report["same_modality"]["R1"] <= 1
+    with pytest.raises(UserError, match="label_fraction"):
+        tiny(sysu_shards, tmp_path / "bad", "--label_fraction", "0").validate()

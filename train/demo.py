@@ -1,21 +1,26 @@
-"""The main job: pre-train, fine-tune from the export and from random init, compare.
+"""The main job: pre-train, fine-tune every arm with several seeds, compare with the noise.
 
-    python -m train.demo                        # MMGL on synthetic SYSU-MM01, small scale (4-10 min, 2 CPU cores)
+    python -m train.demo                        # MMGL on synthetic SYSU-MM01, small scale (2 CPU cores)
     python -m train.demo --method pass          # PASS on synthetic Market-1501
-    python -m train.demo --scale full --root /data/SYSU-MM01    # the full-size presets, for a GPU
+    python -m train.demo --scale full --root /data/SYSU-MM01 --imagenet resnet50.pth   # the paper's table, GPU
 
 Stages (each prints one line with its time when it ends)::
 
     data       synthetic dataset in the method's layout (skipped with --root)
     shards     shards build + verify + the summary table and contact-sheet.png (reused when up
                to date with the data)
-    pretrain   python -m train.pretrain (resumes from its last checkpoint)
+    pretrain   python -m train.pretrain on the training images, no labels (resumes from its
+               last checkpoint); --monitor_every evaluates the frozen backbone on the way
     export     python -m train.export --format native (recomputed: a second)
-    finetune   python -m train.finetune from the export, then from random init, each evaluated
-               under the layout's protocol (SYSU-MM01 all-search, 10 trials / Market-1501)
+    finetune   python -m train.finetune for every arm x seed (:func:`demo_arms`: pre-trained and
+               random init, ImageNet init with --imagenet; all labels and --label_fraction of
+               the training identities), --jobs at a time, each evaluated under the layout's
+               protocol (SYSU-MM01 all-search, 10 trials / Market-1501) plus RGB->RGB on SYSU
 
-then the two results side by side, ``results.json`` (every number, both inits, the curves) and
-``curves.png`` (pre-training loss and accuracy; fine-tuning loss and R1 / mAP per evaluation).
+then one line per arm (mean and spread over seeds, chance R1, test identities), a verdict per
+label setting ("within noise" unless the difference is at least the seed spread),
+``results.json`` (the ``summary`` rows, arms, verdicts, every run, the curves, the machine) and
+``curves.png``.
 
 Everything goes under ``OUT/<method>-<scale>/`` (``-<root folder name>`` with ``--root``), so
 scales and methods never collide. Re-running the same command reuses what is finished: the
@@ -52,13 +57,14 @@ import torch
 
 from common.cli import ArgumentParser, run_cli
 from common.errors import UserError
-from common.interrupts import wait_child
+from common.interrupts import CHILD_GRACE_SECONDS, signal_of, wait_child
 from common.outputs import output_folder
 from shards.build import build
 from shards.inspection import contact_sheet, random_samples, summary_table
 from shards.manifest import MANIFEST_NAME
 from shards.synthetic import generate
 from shards.verify import verify
+from models.initialisation import IMAGENET_PREFIX
 from train.checkpointing import CHECKPOINTS, STATE_FILE, list_checkpoints, resolve_checkpoint
 from train.config import resolve_config as pretrain_config
 from train.export import export
@@ -88,31 +94,39 @@ class Plan:
     pretrain: tuple[str, ...]
     finetune_preset: str
     finetune: tuple[str, ...]
+    seeds: int = 2
+    label_fraction: float = 0.25
 
 
-# Small MMGL: the width-8 two-stream test ResNet (the only small backbone the method offers) on
-# 96x48 views: 6 stripes of 16 rows, one row each of the 6x3 feature map. MMGL's own loss
-# weights (PCC 0.5). 8 epochs (~1,060 steps) lift per-stripe permutation accuracy from 1/6 to
-# ~0.5; 20 epochs did not change the fine-tuned result (measured). 100 identities give 20 test
-# identities; the AGW fine-tune is 10 epochs at the same 96x48.
-_MMGL_SMALL_PRETRAIN = ("--epochs", "8", "--max_steps", "0", "--warmup_epochs", "0.5", "--log_every", "20")
-_AGW_SMALL = ("--image_size", "96,48", "--pad", "6", "--ids_per_batch", "8", "--instances", "4",
-              "--epochs", "10", "--steps_per_epoch", "0", "--warmup_epochs", "2", "--milestones", "6,9",
-              "--eval_every", "2", "--eval_trials", "10")
+# Small MMGL: the width-8 two-stream test ResNet on 96x48 views (6 stripes of 16 rows). 310
+# identities give 61 test identities (chance R1 1.6%), 249 train + val ones. MMGL's own loss
+# weights, 4 epochs (840 steps of 16 RGB + 16 IR images); the frozen backbone is evaluated every
+# 2 epochs (--monitor_every).
+_MMGL_SMALL_PRETRAIN = ("--epochs", "4", "--max_steps", "0", "--warmup_epochs", "0.5", "--log_every", "20",
+                        "--monitor_every", "2")
+# The fine-tuning recipe that fits from scratch, the same for every arm, chosen on the validation
+# identities (benchmarks.learnability, README "How learnable it is"): backbone lr factor 1.0
+# (AGW's 0.1 assumes an ImageNet backbone: at 0.1 the ID loss sat at ln(classes) for two
+# epochs), 10 epochs with the steps at 7 and 9, one warm-up epoch, evaluated at the end.
+_AGW_SMALL = ("--image_size", "96,48", "--pad", "4", "--ids_per_batch", "8", "--instances", "4",
+              "--epochs", "10", "--steps_per_epoch", "0", "--warmup_epochs", "1", "--milestones", "7,9",
+              "--backbone_lr_factor", "1.0", "--eval_every", "0", "--eval_trials", "10", "--log_every", "50")
 _PASS_SMALL_PRETRAIN = ("--epochs", "10", "--max_steps", "0", "--batch_size", "32", "--warmup_epochs", "1",
-                        "--log_every", "10")
+                        "--log_every", "10", "--monitor_every", "2")
 # lr 1e-2 instead of TransReID's 4e-4 (tuned for a pre-trained ViT-S): at 4e-4 the 2-block test
 # ViT's ID loss stayed at ln(50 classes) for 10 epochs, from either init (measured).
 _TRANSREID_SMALL = ("--ids_per_batch", "8", "--instances", "4", "--epochs", "10", "--steps_per_epoch", "0",
-                    "--warmup_epochs", "2", "--eval_every", "2", "--lr", "0.01")
+                    "--warmup_epochs", "2", "--eval_every", "0", "--lr", "0.01")
+_TINY_PRETRAIN = ("--max_steps", "4", "--log_every", "2", "--monitor_every", "1")
 
 PLANS: dict[tuple[str, str], Plan] = {
-    ("mmgl", "tiny"): Plan(9, 8, "mmgl_tiny", ("--max_steps", "4", "--log_every", "2"),
-                           "agw-tiny", ("--eval_trials", "10")),
-    ("mmgl", "small"): Plan(100, 40, "mmgl_tiny", _MMGL_SMALL_PRETRAIN, "agw-tiny", _AGW_SMALL),
+    ("mmgl", "tiny"): Plan(9, 8, "mmgl_tiny", _TINY_PRETRAIN, "agw-tiny", ("--eval_trials", "10"),
+                           label_fraction=0.5),
+    ("mmgl", "small"): Plan(310, 20, "mmgl_tiny", _MMGL_SMALL_PRETRAIN, "agw-tiny", _AGW_SMALL),
     ("mmgl", "full"): Plan(491, 87, "mmgl_sysu", (), "agw-sysu", ()),
-    ("pass", "tiny"): Plan(10, 6, "pass_tiny", ("--max_steps", "4", "--log_every", "2"), "transreid-tiny", ()),
-    ("pass", "small"): Plan(100, 17, "pass_tiny", _PASS_SMALL_PRETRAIN, "transreid-tiny", _TRANSREID_SMALL),
+    ("pass", "tiny"): Plan(10, 6, "pass_tiny", _TINY_PRETRAIN, "transreid-tiny", (), label_fraction=0.5),
+    # 130 identities: 65 test identities in Market-1501's half split.
+    ("pass", "small"): Plan(130, 17, "pass_tiny", _PASS_SMALL_PRETRAIN, "transreid-tiny", _TRANSREID_SMALL),
     # Market-1501's size: 1,501 identities, 32,668 images.
     ("pass", "full"): Plan(1501, 22, "pass_vits_lup", (), "transreid-market", ()),
 }
@@ -135,7 +149,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--method", choices=sorted(METHOD_LAYOUTS), default="mmgl",
                         help="mmgl: RGB-IR, SYSU-MM01 layout (default); pass: RGB, Market-1501 layout")
     parser.add_argument("--scale", choices=SCALES, default="small",
-                        help="tiny: seconds, a smoke test (the tests); small (default): 4-10 min on a 2-core "
+                        help="tiny: seconds, a smoke test (the tests); small (default): sized for a 2-core "
                              "CPU, depending on its load; full: the full-size presets unchanged, for a GPU")
     parser.add_argument("--output_dir", "--out", dest="out", type=Path, default=Path("demo"),
                         help="output folder (default: demo)")
@@ -154,6 +168,19 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
                         help="change a fine-tuning setting of both runs (e.g. epochs=20; see "
                              "python -m train.finetune --help); repeatable")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="fine-tuning seeds per arm: seed, seed+1, ... (default: the scale's, 2)")
+    parser.add_argument("--label_fraction", type=float, default=None,
+                        help="the label-scarce arms' fraction of labelled training identities (default: the "
+                             "scale's, 0.25; 0: no label-scarce arms)")
+    parser.add_argument("--imagenet", type=Path, default=None, metavar="FILE",
+                        help="an ImageNet ResNet-50 state dict (torchvision/timm keys): adds the ImageNet-init "
+                             "arm (fine-tuned as a ResNet-50 two-stream), beside the paper's numbers at --scale full")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per training process (default: the cores available to this process and "
+                             "not busy by the load average, at least 1, divided among --jobs)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="fine-tuning runs side by side (default: one per idle core, at most 2)")
     parser.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (stage lines only)")
     return parser
@@ -191,6 +218,12 @@ class Demo:
     pretrain_overrides: tuple[str, ...]
     finetune_overrides: tuple[str, ...]
     progress: bool
+    seeds: tuple[int, ...] = (0,)
+    imagenet: Optional[Path] = None
+    threads: int = 1
+    jobs: int = 1
+    pretrain_threads: int = 1
+    label_fraction: float = 0.0
 
     @property
     def layout(self) -> str:
@@ -212,8 +245,8 @@ class Demo:
     def backbone_file(self) -> Path:
         return self.run_dir / "backbone.pt"
 
-    def finetune_dir(self, init: str) -> Path:
-        return self.run_dir / f"finetune-{init}"
+    def finetune_dir(self, name: str) -> Path:
+        return self.run_dir / f"finetune-{name}"
 
     def log_file(self, stage: str) -> Path:
         return self.run_dir / "logs" / f"{stage}.log"
@@ -224,16 +257,45 @@ def make_demo(args: argparse.Namespace) -> Demo:
     plan = PLANS[(args.method, args.scale)]
     root = args.root.expanduser().resolve() if args.root is not None else None
     name = f"{args.method}-{args.scale}" + (f"-{root.name}" if root is not None else "")
-    for option, value in (("--ids", args.ids), ("--images_per_id", args.images_per_id), ("--workers", args.workers)):
+    for option, value in (("--ids", args.ids), ("--images_per_id", args.images_per_id), ("--workers", args.workers),
+                          ("--seeds", args.seeds), ("--threads", args.threads), ("--jobs", args.jobs)):
         if value is not None and value < 1:
             raise UserError(f"{option} {value}: must be at least 1")
     if root is not None and not root.is_dir():
         raise UserError(f"--root {root} is not a folder (expected a {METHOD_LAYOUTS[args.method]} dataset)")
     output_folder(args.out, "--out", create=False)
+    imagenet = args.imagenet.expanduser().resolve() if args.imagenet is not None else None
+    if imagenet is not None and not imagenet.is_file():
+        raise UserError(f"--imagenet {args.imagenet}: no such file (expected an ImageNet ResNet-50 state dict)")
+    if imagenet is not None and args.method != "mmgl":
+        raise UserError("--imagenet: the ImageNet-init arm is a ResNet-50 for the MMGL path (--method mmgl)")
+    if args.label_fraction is not None and not 0 <= args.label_fraction < 1:
+        raise UserError(f"--label_fraction {args.label_fraction}: expected a fraction in [0, 1) (0: no label-scarce arms)")
+    cores = idle_cores()
+    jobs = args.jobs or max(1, min(2, cores))
+    threads = args.threads or max(1, cores // jobs)
+    pretrain_threads = args.threads or cores
     return Demo(args.method, args.scale, plan, args.out.expanduser().resolve() / name, root,
                 args.ids or plan.ids, args.images_per_id or plan.images_per_id, args.seed, args.workers,
                 setting_tokens(args.pretrain, "pretrain"), setting_tokens(args.finetune, "finetune"),
-                progress=not args.quiet and sys.stderr.isatty())
+                progress=not args.quiet and sys.stderr.isatty(),
+                seeds=tuple(args.seed + i for i in range(args.seeds or plan.seeds)), imagenet=imagenet,
+                threads=threads, jobs=jobs, pretrain_threads=pretrain_threads,
+                label_fraction=plan.label_fraction if args.label_fraction is None else args.label_fraction)
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's limit),
+    not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def idle_cores() -> int:
+    """The available cores less those other processes keep busy (the 1-minute load average),
+    at least 1: the threads the training stages share. On a loaded machine a training process
+    with a thread per core spins against the other processes (measured 17x slower, issue 13;
+    3.2 images/s instead of hundreds for MMGL with 2 threads at load 9); one thread keeps going."""
+    return max(1, available_cores() - round(os.getloadavg()[0]))
 
 
 class StageRecords:
@@ -365,7 +427,7 @@ def stage_pretrain(demo: Demo, records: StageRecords, fingerprint: str) -> tuple
                *pretrain_tokens(demo), f"--progress_bar={str(demo.progress).lower()}"]
     if state is not None:
         command.append("--resume")
-    run_child(command, demo.log_file("pretrain"), demo.progress)
+    run_child(command, demo.log_file("pretrain"), demo.progress, demo.pretrain_threads)
     if state is not None:
         how = f"resumed at step {state[0]}"
     else:
@@ -380,43 +442,165 @@ def stage_export(demo: Demo) -> tuple[None, str]:
     return None, f"wrote {demo.backbone_file}"
 
 
-def finetune_tokens(demo: Demo, init: str) -> list[str]:
-    """The ``train.finetune`` settings. Both runs get the pre-training's seed, so the random init
-    is the very initialisation the pre-training started from (the same factory and seed)."""
-    return [*demo.plan.finetune, *demo.finetune_overrides, "--output_dir", str(demo.finetune_dir(init)),
-            "--seed", str(demo.seed)]
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuning setting: the initialisation and the fraction of training identities
+    whose labels it uses (1: all; less: the label-scarce setting)."""
+
+    init: str
+    label_fraction: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.init if self.label_fraction >= 1 else f"{self.init}-{round(100 * self.label_fraction)}%labels"
+
+    @property
+    def labels(self) -> str:
+        """The label setting, as the verdict lines group arms."""
+        return "all labels" if self.label_fraction >= 1 else f"{round(100 * self.label_fraction)}% of the ids labelled"
 
 
-def stage_finetune(demo: Demo, records: StageRecords, init: str, fingerprint: str) -> tuple[dict, str]:
-    """Fine-tune and evaluate in a child process (``--resume latest``: an interrupted run
-    continues); a finished run with the same settings and init is reused."""
-    init_arg = str(demo.backbone_file) if init == "pretrained" else "random"
-    config = finetune_config(demo.plan.finetune_preset, finetune_tokens(demo, init), shards=str(demo.shards_dir),
-                            init=init_arg)
+def demo_arms(demo: Demo) -> list[Arm]:
+    """Every (init, labels) arm: pre-trained and random init (and ImageNet with ``--imagenet``),
+    with all labels and, when the scale has one, the label-scarce fraction."""
+    inits = [*INITS, *(["imagenet"] if demo.imagenet is not None else [])]
+    fractions = [1.0, *([demo.label_fraction] if demo.label_fraction else [])]
+    return [Arm(init, fraction) for fraction in fractions for init in inits]
+
+
+def run_name(arm: Arm, seed: int) -> str:
+    return f"{arm.name}-seed{seed}"
+
+
+def finetune_tokens(demo: Demo, arm: Arm, seed: int) -> list[str]:
+    """The ``train.finetune`` settings of one (arm, seed) run. The first seed is the
+    pre-training's, so its random init is the very initialisation the pre-training started from
+    (the same factory and seed). The ImageNet arm needs the ResNet-50 a file of that kind fits."""
+    arch = ["--arch", "resnet50_two_stream"] if arm.init == "imagenet" else []
+    fraction = ["--label_fraction", str(arm.label_fraction)] if arm.label_fraction < 1 else []
+    return [*demo.plan.finetune, *demo.finetune_overrides, *arch, *fraction,
+            "--output_dir", str(demo.finetune_dir(run_name(arm, seed))), "--seed", str(seed)]
+
+
+def init_argument(demo: Demo, arm: Arm) -> str:
+    if arm.init == "pretrained":
+        return str(demo.backbone_file)
+    return f"{IMAGENET_PREFIX}{demo.imagenet}" if arm.init == "imagenet" else "random"
+
+
+def init_fingerprint(demo: Demo, arm: Arm) -> str:
+    if arm.init == "pretrained":
+        return _sha256(demo.backbone_file)
+    return _sha256(demo.imagenet) if arm.init == "imagenet" else "random"
+
+
+@dataclass
+class FinetuneJob:
+    """One fine-tuning run to start (or a finished one, reused)."""
+
+    arm: Arm
+    seed: int
+    command: list[str]
+    out: Path
+    status: str
+    process: Optional[subprocess.Popen] = None
+    log: Any = None
+
+
+def finetune_job(demo: Demo, records: StageRecords, arm: Arm, seed: int, fingerprint: str) -> FinetuneJob:
+    """The job of one (arm, seed) run; its stage record decides reuse (``status`` ``same`` with
+    a results.json: nothing to run) or recomputation."""
+    init = init_argument(demo, arm)
+    tokens = finetune_tokens(demo, arm, seed)
+    config = finetune_config(demo.plan.finetune_preset, tokens, shards=str(demo.shards_dir), init=init)
     key = {"config": {k: v for k, v in asdict(config).items() if k != "progress_bar"}, "shards": fingerprint,
-           "init": _sha256(demo.backbone_file) if init == "pretrained" else "random"}
-    out = demo.finetune_dir(init)
-    status = records.start(f"finetune-{init}", key, out)
-    if status == "same" and (out / RESULTS_FILE).is_file():
-        return read_finetune(out), f"finished run reused ({out})"
+           "init": init_fingerprint(demo, arm)}
+    out = demo.finetune_dir(run_name(arm, seed))
+    status = records.start(f"finetune-{run_name(arm, seed)}", key, out)
     command = [sys.executable, "-m", "train.finetune", "--preset", demo.plan.finetune_preset,
-               "--shards", str(demo.shards_dir), "--init", init_arg, "--resume", "latest",
-               *finetune_tokens(demo, init), f"--progress_bar={str(demo.progress).lower()}"]
-    run_child(command, demo.log_file(f"finetune-{init}"), demo.progress)
-    result = read_finetune(out)
-    how = "settings or init changed, recomputed: " if status == "changed" else ""
-    return result, f"{how}R1 {100 * result['metrics']['R1']:.2f}, mAP {100 * result['metrics']['mAP']:.2f} ({out})"
+               "--shards", str(demo.shards_dir), "--init", init, "--resume", "latest", *tokens,
+               "--progress_bar=false"]
+    return FinetuneJob(arm, seed, command, out, status)
 
 
-def run_child(command: list[str], log: Path, progress: bool) -> None:
-    """Run a training stage; its stdout (and stderr, unless a progress bar shows there) is
-    appended to ``log`` (a resumed stage keeps the earlier part). A failure is a
-    :class:`StageFailed` naming the log and its last line."""
+def stage_finetune(demo: Demo, records: StageRecords, fingerprint: str) -> tuple[dict[str, dict], str]:
+    """Every (arm, seed) fine-tuning, ``demo.jobs`` at a time (independent child processes of
+    ``demo.threads`` threads each: on a small CPU two one-thread runs side by side do more than
+    one two-thread run). Finished runs with the same settings and init are reused; each run's
+    end prints one line. Returns ``{run name: read_finetune(...)}``."""
+    # Seed-major order: every arm's first seed comes before any arm's second, so an interrupted
+    # or slow run already holds a like-for-like comparison.
+    jobs = [finetune_job(demo, records, arm, seed, fingerprint) for seed in demo.seeds for arm in demo_arms(demo)]
+    pending = [j for j in jobs if not (j.status == "same" and (j.out / RESULTS_FILE).is_file())]
+    running: list[FinetuneJob] = []
+    reused = len(jobs) - len(pending)
+    try:
+        run_jobs(demo, pending, running)
+    except KeyboardInterrupt as err:  # a stopped demo stops its runs too (as common.interrupts.wait_child)
+        for job in running:
+            job.process.send_signal(signal_of(err))
+        for job in running:
+            try:
+                job.process.wait(timeout=CHILD_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                job.process.kill()
+                job.process.wait()
+        raise
+    runs = {run_name(j.arm, j.seed): {"arm": j.arm.name, "init": j.arm.init, "label_fraction": j.arm.label_fraction,
+                                      "seed": j.seed, **read_finetune(j.out)} for j in jobs}
+    note = f"{len(jobs)} runs ({len(demo_arms(demo))} arms x {len(demo.seeds)} seeds)"
+    return runs, note + (f", {reused} finished run(s) reused" if reused else "") + f" in {demo.run_dir}"
+
+
+def run_jobs(demo: Demo, pending: list[FinetuneJob], running: list[FinetuneJob]) -> None:
+    """Start ``pending`` jobs, ``demo.jobs`` at a time, until all have finished; print a line per
+    finished run; a failed run stops the others and is a :class:`StageFailed`."""
+    while pending or running:
+        while pending and len(running) < demo.jobs:
+            job = pending.pop(0)
+            job.log = open(demo.log_file(f"finetune-{run_name(job.arm, job.seed)}"), "a")
+            job.log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}\n{' '.join(job.command)}\n\n")
+            job.log.flush()
+            job.process = subprocess.Popen(job.command, stdout=job.log, stderr=subprocess.STDOUT,
+                                           env=thread_environment(demo.threads))
+            running.append(job)
+        time.sleep(0.2)
+        for job in [j for j in running if j.process.poll() is not None]:
+            running.remove(job)
+            job.log.close()
+            if job.process.returncode:
+                for other in running:
+                    other.process.terminate()
+                log = Path(job.log.name)
+                lines = [line for line in log.read_text().splitlines() if line.strip()]
+                raise StageFailed(f"train.finetune failed (exit status {job.process.returncode}): "
+                                  f"{lines[-1] if lines else ''} -- log: {log}")
+            result = read_finetune(job.out)
+            same = result["same_modality"]
+            how = "settings or init changed, recomputed: " if job.status == "changed" else ""
+            print(f"    {run_name(job.arm, job.seed):<34} {how}R1 {100 * result['metrics']['R1']:.2f}, "
+                  f"mAP {100 * result['metrics']['mAP']:.2f}"
+                  + (f", RGB->RGB R1 {100 * same['R1']:.2f}" if same else "")
+                  + f" ({_duration(result['seconds'])})", flush=True)
+
+
+def thread_environment(threads: int) -> dict[str, str]:
+    """The environment of a training child: ``threads`` intra-op threads (torch reads these at
+    start). Without it each child takes every core, and children side by side, or another
+    process on the machine, oversubscribe the cores (measured: 17x slower, issue 13)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def run_child(command: list[str], log: Path, progress: bool, threads: int) -> None:
+    """Run a training stage with ``threads`` threads; its stdout (and stderr, unless a progress
+    bar shows there) is appended to ``log`` (a resumed stage keeps the earlier part). A failure
+    is a :class:`StageFailed` naming the log and its last line."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}\n{' '.join(command)}\n\n")
         f.flush()
-        with subprocess.Popen(command, stdout=f, stderr=None if progress else subprocess.STDOUT) as child:
+        with subprocess.Popen(command, stdout=f, stderr=None if progress else subprocess.STDOUT,
+                              env=thread_environment(threads)) as child:
             code = wait_child(child)  # a stopped demo stops its stage too (common.interrupts)
     if code:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
@@ -429,98 +613,206 @@ def read_finetune(out: Path) -> dict:
     first = report["results"][0]
     history = json.loads((resolve_checkpoint("latest", out) / STATE_FILE).read_text()).get("history", [])
     metrics = {k: first[k] for k in ("R1", "R5", "R10", "R20", "mAP", "mINP")}
-    return {"metrics": metrics, "setting": first["setting"], "protocol": first["protocol"],
-            "trials": len(first["trials"]), "queries": first["queries"], "gallery": first["gallery"],
+    return {"metrics": metrics, "same_modality": report.get("same_modality"), "setting": first["setting"],
+            "protocol": first["protocol"], "trials": len(first["trials"]), "queries": first["queries"],
+            "gallery": first["gallery"], "labelled_ids": report.get("labelled_ids"),
             "seconds": report["seconds"], "history": history, "output_dir": str(out)}
 
 
 # --------------------------------------------------------------------------------------------
-# Report: the side-by-side table, results.json, curves.png
+# Report: per-run summary, arms with mean and spread, verdicts, results.json, curves.png
 # --------------------------------------------------------------------------------------------
 
+#: The papers' results beside ours at ``--scale full`` (SYSU-MM01 all-search single-shot /
+#: Market-1501; R1, mAP in percent), from the MMGL and AGW READMEs (DESIGN.md section 5) and
+#: PASS-reID's (ViT-S, 256x128).
+PAPER = {"mmgl": {"pretrained": (56.97, 54.61), "imagenet": (47.50, 47.65)},
+         "pass": {"pretrained": (96.3, 92.2)}}
+SUMMARY_METRICS = ("R1", "mAP", "mINP", "same_modality_R1")
 
-def comparison_table(demo: Demo, runs: dict[str, dict]) -> str:
-    """Both inits' R1 / mAP / mINP (percent) and their difference, headed by the protocol."""
-    first = runs["pretrained"]
-    lines = [f"{first['setting']} (protocol {first['protocol']}, {first['trials']} trial(s); "
-             f"{first['queries']} queries, gallery {first['gallery']:.0f} images)",
-             f"{'initialisation':<22} {'R1':>7} {'mAP':>7} {'mINP':>7}"]
-    titles = {"pretrained": METHOD_TITLES[demo.method], "random": "random init"}
-    for init in INITS:
-        m = runs[init]["metrics"]
-        lines.append(f"{titles[init]:<22} " + " ".join(f"{100 * m[k]:7.2f}" for k in ("R1", "mAP", "mINP")))
-    gain = {k: 100 * (runs["pretrained"]["metrics"][k] - runs["random"]["metrics"][k]) for k in ("R1", "mAP", "mINP")}
-    lines.append(f"{'pre-trained - random':<22} " + " ".join(f"{gain[k]:+7.2f}" for k in ("R1", "mAP", "mINP")))
+
+def summary_rows(runs: dict[str, dict]) -> list[dict]:
+    """One row per (arm, seed): ``arm``, ``seed``, ``R1``, ``mAP``, ``mINP``, ``same_modality_R1``
+    (fractions; the last None where the layout has no same-modality figure)."""
+    rows = []
+    for run in runs.values():
+        same = run["same_modality"]
+        rows.append({"arm": run["arm"], "seed": run["seed"], **{k: run["metrics"][k] for k in ("R1", "mAP", "mINP")},
+                     "same_modality_R1": same["R1"] if same else None})
+    return rows
+
+
+def arm_statistics(rows: list[dict]) -> dict[str, dict]:
+    """Per arm and metric: ``mean`` and ``spread`` (max - min over the seeds: with two or three
+    seeds, the range is the honest noise figure) and the per-seed values, in arm order."""
+    arms: dict[str, dict] = {}
+    for row in rows:
+        arms.setdefault(row["arm"], {"seeds": []})["seeds"].append(row["seed"])
+    for name, arm in arms.items():
+        mine = [r for r in rows if r["arm"] == name]
+        for metric in SUMMARY_METRICS:
+            values = [r[metric] for r in mine if r[metric] is not None]
+            arm[metric] = ({"mean": sum(values) / len(values), "spread": max(values) - min(values), "values": values}
+                           if values else None)
+    return arms
+
+
+def verdict(difference: float, spread: float) -> str:
+    """``better`` / ``worse`` when ``|difference|`` (pre-trained - random, mean R1) is at least
+    ``spread`` (the larger of the two arms' seed ranges), else ``within noise``."""
+    if abs(difference) < spread or difference == 0:
+        return "within noise"
+    return "better" if difference > 0 else "worse"
+
+
+def verdicts(arms: list[Arm], stats: dict[str, dict]) -> list[dict]:
+    """For each label setting, the pre-trained arm against random init (and ImageNet against
+    random, when present), on mean R1."""
+    lines = []
+    for arm in arms:
+        if arm.init == "random":
+            continue
+        base = Arm("random", arm.label_fraction).name
+        a, b = stats[arm.name]["R1"], stats[base]["R1"]
+        difference, spread = a["mean"] - b["mean"], max(a["spread"], b["spread"])
+        lines.append({"arm": arm.name, "against": base, "labels": arm.labels, "R1_difference": difference,
+                      "spread": spread, "verdict": verdict(difference, spread)})
+    return lines
+
+
+def chance_r1(test_ids: int) -> float:
+    """R1 of a random ranking when every test identity has as many gallery images: 1 / ids."""
+    return 1.0 / max(test_ids, 1)
+
+
+def _pct(stat: Optional[dict]) -> str:
+    if stat is None:
+        return f"{'-':>15}"
+    return f"{100 * stat['mean']:7.2f} ±{100 * stat['spread'] / 2:5.2f}"
+
+
+def comparison_table(demo: Demo, document: dict) -> str:
+    """Every arm's mean ± half the seed range (percent) of R1, mAP, mINP and the same-modality
+    R1, chance R1 and the test identities, then the verdict lines."""
+    first = next(iter(document["finetune"]["runs"].values()))
+    titles = {"pretrained": METHOD_TITLES[demo.method], "random": "random init", "imagenet": "ImageNet init"}
+    seeds = ", ".join(str(s) for s in demo.seeds)
+    lines = [f"{first['setting']} (protocol {first['protocol']}, {first['trials']} trial(s); {first['queries']} "
+             f"queries, gallery {first['gallery']:.0f} images; {document['test_ids']} test identities, chance R1 "
+             f"{100 * document['chance_R1']:.2f}%)",
+             f"mean ± half the range over fine-tuning seeds {seeds}; RGB->RGB: same-modality R1, other camera",
+             f"{'arm':<44} {'R1':>15} {'mAP':>15} {'mINP':>15} {'RGB->RGB R1':>15}"]
+    paper = PAPER.get(demo.method, {}) if demo.scale == "full" else {}
+    for arm in demo_arms(demo):
+        stat = document["arms"][arm.name]
+        title = titles[arm.init] + ("" if arm.label_fraction >= 1 else f", {arm.labels}")
+        lines.append(f"{title:<44} " + " ".join(_pct(stat[k]) for k in SUMMARY_METRICS)
+                     + (f"   paper: R1 {paper[arm.init][0]:.2f}, mAP {paper[arm.init][1]:.2f}"
+                        if arm.init in paper and arm.label_fraction >= 1 else ""))
+    for line in document["verdicts"]:
+        lines.append(f"verdict ({line['labels']}): {line['arm']} - {line['against']} = {100 * line['R1_difference']:+.2f} "
+                     f"R1, seed spread {100 * line['spread']:.2f}: {line['verdict']}")
     return "\n".join(lines)
 
 
 def pretrain_curve(demo: Demo) -> list[dict]:
-    """The pre-training metric lines (``metrics.jsonl``: loss terms, accuracies, lr)."""
+    """The pre-training metric lines (``metrics.jsonl``: loss terms, accuracies, lr; ``monitor``
+    records: the frozen backbone's retrieval)."""
     path = demo.pretrain_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def write_curves(demo: Demo, pretrain: list[dict], runs: dict[str, dict], path: Path) -> None:
-    """Four panels: pre-training losses; pre-training accuracies (MMGL: permutation, PCC) or
-    per-token losses (PASS); fine-tuning loss per epoch and R1 / mAP per evaluation, both inits."""
+    """Six panels: pre-training losses; accuracies (MMGL: permutation, PCC) or per-token losses
+    (PASS); the frozen backbone's retrieval during pre-training (``--monitor_every``);
+    fine-tuning loss per epoch, R1 per evaluation (every run, coloured by arm) and final R1 per arm."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    steps = [row["step"] for row in pretrain]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    steps_rows = [row for row in pretrain if row.get("kind") != "monitor"]
+    monitor_rows = [row for row in pretrain if row.get("kind") == "monitor"]
+    steps = [row["step"] for row in steps_rows]
     ax = axes[0][0]
-    for name in [k for k in ("loss", "loss_perm", "loss_pcc") if pretrain and k in pretrain[0]]:
-        ax.plot(steps, [row[name] for row in pretrain], label=name)
+    for name in [k for k in ("loss", "loss_perm", "loss_pcc") if steps_rows and k in steps_rows[0]]:
+        ax.plot(steps, [row[name] for row in steps_rows], label=name)
     ax.set(title=f"pre-training ({demo.method.upper()}): loss", xlabel="step")
     ax = axes[0][1]
-    accuracies = [k for k in ("perm_acc", "pcc_acc") if pretrain and k in pretrain[0]]
-    others = sorted(k for k in (pretrain[0] if pretrain else {}) if k.startswith("loss_"))
+    accuracies = [k for k in ("perm_acc", "pcc_acc") if steps_rows and k in steps_rows[0]]
+    others = sorted(k for k in (steps_rows[0] if steps_rows else {}) if k.startswith("loss_"))
     for name in accuracies or others:
-        ax.plot(steps, [row[name] for row in pretrain], label=name)
-    ax.set(title="pre-training: " + ("permutation / PCC accuracy" if accuracies else "loss per token"),
-           xlabel="step")
-    styles, markers = {"pretrained": "-", "random": "--"}, {"pretrained": "o", "random": "s"}
-    for init in INITS:
-        history = runs[init]["history"]
-        train = [h for h in history if h["kind"] == "train"]
-        evals = [h for h in history if h["kind"] == "eval"]
-        axes[1][0].plot([h["epoch"] + 1 for h in train], [h["loss"] for h in train], styles[init], label=init)
-        for metric, colour in (("R1", "tab:blue"), ("mAP", "tab:orange")):
-            axes[1][1].plot([h["epoch"] + 1 for h in evals], [100 * h[metric] for h in evals], styles[init],
-                            color=colour, marker=markers[init], label=f"{metric} {init}")
+        ax.plot(steps, [row[name] for row in steps_rows], label=name)
+    ax.set(title="pre-training: " + ("permutation / PCC accuracy" if accuracies else "loss per token"), xlabel="step")
+    ax = axes[0][2]
+    for name, style in (("R1", "o-"), ("mAP", "s-"), ("same_modality_R1", "^--")):
+        points = [(row["epoch"], 100 * row[name]) for row in monitor_rows if name in row]
+        if points:
+            ax.plot(*zip(*points), style, label="RGB->RGB R1" if name == "same_modality_R1" else name)
+    ax.set(title="pre-training: frozen backbone retrieval (%)", xlabel="epoch")
+    colours = {arm.name: f"C{i}" for i, arm in enumerate(demo_arms(demo))}
+    labelled = set()
+    for run in runs.values():
+        train = [h for h in run["history"] if h["kind"] == "train"]
+        evals = [h for h in run["history"] if h["kind"] == "eval"]
+        label = None if run["arm"] in labelled else run["arm"]
+        labelled.add(run["arm"])
+        axes[1][0].plot([h["epoch"] + 1 for h in train], [h["loss"] for h in train], color=colours[run["arm"]],
+                        label=label)
+        axes[1][1].plot([h["epoch"] + 1 for h in evals], [100 * h["R1"] for h in evals], "o-",
+                        color=colours[run["arm"]], label=label)
     axes[1][0].set(title="fine-tuning: loss (ID + triplet)", xlabel="epoch")
-    axes[1][1].set(title=f"evaluation: {runs['random']['setting']} (%)", xlabel="epoch")
+    first = next(iter(runs.values()))
+    axes[1][1].set(title=f"fine-tuning: {first['setting']} R1 (%)", xlabel="epoch")
+    ax = axes[1][2]
+    names = [arm.name for arm in demo_arms(demo)]
+    for i, name in enumerate(names):
+        values = [100 * run["metrics"]["R1"] for run in runs.values() if run["arm"] == name]
+        ax.scatter([i] * len(values), values, color=colours[name])
+        ax.bar(i, sum(values) / len(values), color=colours[name], alpha=0.4)
+    ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
+    ax.set(title="final R1 per arm (%): bar = mean, dots = seeds")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-        if ax.has_data():
+        if ax.has_data() and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def results_document(demo: Demo, manifest, pretrain: list[dict], runs: dict[str, dict], stages: list[dict]) -> dict:
+def results_document(demo: Demo, manifest, pretrain: list[dict], runs: dict[str, dict], stages: list[dict],
+                     wall: float) -> dict:
     """Everything measured, for ``results.json``."""
+    first = next(iter(runs.values()))
+    rows = summary_rows(runs)
+    stats = arm_statistics(rows)
+    test_ids = manifest.splits["query"].total.identities if "query" in manifest.splits else None
     return {
         "method": demo.method, "scale": demo.scale,
         "dataset": {"layout": demo.layout, "root": str(demo.data_dir), "synthetic": demo.root is None,
                     "ids": demo.ids if demo.root is None else None,
                     "images_per_id": demo.images_per_id if demo.root is None else None,
                     "splits": {s: c.total.images for s, c in manifest.splits.items()}},
-        "protocol": runs["pretrained"]["protocol"], "setting": runs["pretrained"]["setting"],
-        "trials": runs["pretrained"]["trials"],
+        "protocol": first["protocol"], "setting": first["setting"], "trials": first["trials"],
+        "test_ids": test_ids, "chance_R1": chance_r1(test_ids or 1),
+        "summary": rows, "arms": stats, "verdicts": verdicts(demo_arms(demo), stats),
+        "paper": PAPER.get(demo.method, {}) if demo.scale == "full" else {},
         "pretrain": {"preset": demo.plan.pretrain_preset, "overrides": [*demo.plan.pretrain, *demo.pretrain_overrides],
-                     "last": pretrain[-1] if pretrain else None, "curve": pretrain},
+                     "last": next((r for r in reversed(pretrain) if r.get("kind") != "monitor"), None),
+                     "monitor": [r for r in pretrain if r.get("kind") == "monitor"], "curve": pretrain},
         "finetune": {"preset": demo.plan.finetune_preset, "overrides": [*demo.plan.finetune, *demo.finetune_overrides],
-                     **runs},
+                     "seeds": list(demo.seeds), "runs": runs},
         "stages": stages,
-        "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg()), "torch": torch.__version__,
-                    "cuda": torch.cuda.is_available()},
+        "machine": {"cpus": os.cpu_count(), "cpus_available": available_cores(), "threads": demo.threads,
+                    "pretrain_threads": demo.pretrain_threads,
+                    "jobs": demo.jobs, "load_average": list(os.getloadavg()), "wall_seconds": round(wall, 1),
+                    "torch": torch.__version__, "cuda": torch.cuda.is_available()},
         "paths": {"run": str(demo.run_dir), "shards": str(demo.shards_dir), "pretrain": str(demo.pretrain_dir),
-                  "backbone": str(demo.backbone_file), **{f"finetune_{i}": str(demo.finetune_dir(i)) for i in INITS},
-                  "curves": str(demo.run_dir / CURVES_FILE), "contact_sheet": str(demo.run_dir / SHEET_FILE), "logs": str(demo.run_dir / "logs")},
+                  "backbone": str(demo.backbone_file), "finetune": str(demo.run_dir / "finetune-*"),
+                  "curves": str(demo.run_dir / CURVES_FILE), "contact_sheet": str(demo.run_dir / SHEET_FILE),
+                  "logs": str(demo.run_dir / "logs")},
     }
 
 
@@ -533,25 +825,25 @@ def check_settings(demo: Demo) -> None:
     """Resolve and validate both configurations up front, so a bad ``--pretrain`` /
     ``--finetune`` value is a one-line error before any data is made or trained on."""
     pretrain_config(demo.method, demo.plan.pretrain_preset, pretrain_tokens(demo)).train.validate()
-    finetune_config(demo.plan.finetune_preset, finetune_tokens(demo, "random"), shards=str(demo.shards_dir),
-                    init="random").validate()
+    for arm in demo_arms(demo):
+        finetune_config(demo.plan.finetune_preset, finetune_tokens(demo, arm, demo.seeds[0]),
+                        shards=str(demo.shards_dir), init="random").validate()
 
 
 def run(demo: Demo, fresh: bool) -> dict:
     """Every stage, then the report; returns the results document."""
+    started = time.perf_counter()
     check_settings(demo)
     records = StageRecords(demo.run_dir, fresh)
-    clock = StageClock(total=6 if demo.root is not None else 7)
+    clock = StageClock(total=5 if demo.root is not None else 6)
     if demo.root is None:
         clock.run("data", lambda: stage_data(demo, records))
     manifest = clock.run("shards", lambda: stage_shards(demo))
     clock.run("pretrain", lambda: stage_pretrain(demo, records, manifest.fingerprint))
     clock.run("export", lambda: stage_export(demo))
-    runs = {init: clock.run(f"finetune from {init} init",
-                            lambda init=init: stage_finetune(demo, records, init, manifest.fingerprint))
-            for init in INITS}
+    runs = clock.run("finetune", lambda: stage_finetune(demo, records, manifest.fingerprint))
     pretrain = pretrain_curve(demo)
-    document = results_document(demo, manifest, pretrain, runs, clock.done)
+    document = results_document(demo, manifest, pretrain, runs, clock.done, time.perf_counter() - started)
     return clock.run("report", lambda: write_report(demo, document, pretrain, runs))
 
 
@@ -565,18 +857,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     demo = make_demo(args)
     print(f"demo: {demo.method} at {demo.scale} scale on "
-          f"{demo.root or f'synthetic {demo.layout} ({demo.ids} ids)'} -> {demo.run_dir}", flush=True)
+          f"{demo.root or f'synthetic {demo.layout} ({demo.ids} ids)'} -> {demo.run_dir}; "
+          f"{available_cores()} core(s) available; pre-training on {demo.pretrain_threads} thread(s), "
+          f"{demo.jobs} fine-tuning(s) at a time x {demo.threads} thread(s); "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    started = time.perf_counter()
     try:
         document = run(demo, args.fresh)
     except StageFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print()
-    print(comparison_table(demo, {init: document["finetune"][init] for init in INITS}))
+    print(comparison_table(demo, document))
     print()
-    for name in ("shards", "backbone", "finetune_pretrained", "finetune_random", "curves", "logs"):
+    for name in ("shards", "backbone", "finetune", "curves", "logs"):
         print(f"{name:<20} {document['paths'][name]}")
     print(f"{'results':<20} {demo.run_dir / RESULTS_FILE}")
+    print(f"wall time {_duration(time.perf_counter() - started)} on {available_cores()} core(s), load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
     return 0
 
 

@@ -64,6 +64,13 @@ the run's size); or a backbone file with this project's module names (:mod:`mode
 AGW's non-local blocks (an MMGL export has none: they keep their identity init, as AGW's
 ``strict=False`` load leaves them); other missing or unexpected keys are an error naming them.
 Only the backbone is loaded; the neck and classifier start fresh.
+
+Label-scarce fine-tuning (``--label_fraction F``): only ``round(F x training ids)`` identities,
+drawn by ``--seed`` (:func:`labelled_ids`), are sampled and classified; the other training
+images are unused here (a self-supervised pre-training may have seen them without labels).
+
+On SYSU-layout shards ``results.json`` also holds ``same_modality``: RGB->RGB retrieval (other
+camera) among the test identities' RGB images, a reference figure beside the protocol's.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import shutil
 import sys
 import time
@@ -94,7 +102,7 @@ from models.registry import backbone_entry, create_backbone
 from models.reid import ReIDModel
 from models.initialisation import initialise_backbone
 from models.weights import backbone_from_file
-from pipelines.samplers import CrossModalSampler, agw_epoch_length
+from pipelines.samplers import CrossModalSampler, IdentitySampler, agw_epoch_length
 from pipelines.sources import make_source
 from pipelines.sources.base import seed_of
 from pipelines.views.finetune import FinetuneViews
@@ -118,6 +126,7 @@ from train.evaluation.protocols import (
     default_protocol,
     evaluate,
     format_table,
+    same_modality,
 )
 from train.losses.triplet import batch_hard_triplet, weighted_regularized_triplet
 from train.recipes import RECIPES, TransReIDRecipe
@@ -186,6 +195,9 @@ class FinetuneConfig:
     source: Literal["auto", "dali", "wds", "cache"] = setting("cache", "image source; identity samplers need the "
                                                               "cache (see pipelines.sources.make_source)")
     regdb_trial: int = setting(1, "RegDB: which trial's training identities to train on")
+    label_fraction: float = setting(1.0, "train on the labels of this fraction of the training identities (the "
+                                    "label-scarce setting; which ones: drawn by --seed, so equal seeds pick the "
+                                    "same identities); 1: all")
     # loss
     triplet: Literal["weighted", "batch_hard", "soft"] = setting("weighted", "triplet loss: weighted-regularization "
                                                                  "(AGW), batch_hard with margin, or soft (batch-hard, "
@@ -282,6 +294,8 @@ class FinetuneConfig:
         if backbone_entry(self.arch).family == "vit" and (self.image_size[0] % 16 or self.image_size[1] % 16):
             raise UserError(f"--image_size {self.image_size}: a ViT needs multiples of its 16-pixel patch")
         Rerank(self.rerank_k1, self.rerank_k2, self.rerank_lambda)  # refuses bad values, used or not
+        if not 0 < self.label_fraction <= 1:
+            raise UserError(f"--label_fraction {self.label_fraction}: expected a fraction in (0, 1]")
         if self.warmup_epochs > self.epochs:
             raise UserError(f"--warmup_epochs {self.warmup_epochs} is longer than the run ({self.epochs} epochs)")
         self._validate_recipe()
@@ -460,14 +474,37 @@ def training_data(config: FinetuneConfig, manifest: Manifest, rank: int, world: 
         return TrainingData("all", protocol, pids, cross_modal_sampler(config, rank, world, pids))
     if not manifest.shards_of("train"):
         raise UserError(f"{config.shards} has no 'train' split to fine-tune on")
-    pids = torch.tensor(sorted(manifest.pid_to_label), dtype=torch.int64)
+    pids = torch.tensor(labelled_ids(sorted(manifest.pid_to_label), config.label_fraction, config.seed),
+                        dtype=torch.int64)
     if config.sampler == "cross_modal" and set(manifest.splits["train"].modalities) != {"rgb", "ir"}:
         have = ", ".join(manifest.splits["train"].modalities) or "none"
         raise UserError(f"the cross-modal sampler needs RGB and infrared training images; {config.shards} has: {have} "
                         "(use --sampler identity for RGB-only data)")
-    if config.sampler == "cross_modal" and config.epoch_length == "agw":
-        return TrainingData("train", protocol, pids, cross_modal_sampler(config, rank, world))
-    return TrainingData("train", protocol, pids, config.sampler)
+    if config.label_fraction < 1 and len(pids) < config.ids_per_batch:
+        raise UserError(f"--label_fraction {config.label_fraction} keeps {len(pids)} identities, fewer than a batch's "
+                        f"{config.ids_per_batch} (--ids_per_batch)")
+    scarce = config.label_fraction < 1
+    if config.sampler == "cross_modal" and (config.epoch_length == "agw" or scarce):
+        # label-scarce: only the labelled identities' images are drawn (the others are the unlabelled pool)
+        return TrainingData("train", protocol, pids, cross_modal_sampler(config, rank, world, pids if scarce else None))
+    if not scarce:
+        return TrainingData("train", protocol, pids, config.sampler)
+
+    def labelled_sampler(cached):
+        keep = torch.isin(cached.pid.cpu(), pids)
+        return IdentitySampler(cached.pid.cpu(), config.batch_size, config.instances, seed=config.seed, rank=rank,
+                               world=world, keep=keep)
+
+    return TrainingData("train", protocol, pids, labelled_sampler)
+
+
+def labelled_ids(pids: list[int], fraction: float, seed: int) -> list[int]:
+    """The sorted training identities whose labels a label-scarce run uses: ``round(fraction x
+    len(pids))`` of them (at least 2), drawn by ``random.Random(seed)``; all of them at 1."""
+    if fraction >= 1:
+        return list(pids)
+    count = max(2, round(fraction * len(pids)))
+    return sorted(random.Random(seed).sample(list(pids), count))
 
 
 def cross_modal_sampler(config: FinetuneConfig, rank: int, world: int,
@@ -702,6 +739,24 @@ def save_best(folder: Path, module: ReIDModel, document: dict, info: dict) -> No
     shutil.rmtree(old, ignore_errors=True)
 
 
+def same_modality_of_model(accelerator, model: nn.Module, config: FinetuneConfig) -> Optional[dict]:
+    """RGB->RGB (other camera) retrieval on SYSU-layout shards (a reference figure beside the
+    protocol's; :func:`~train.evaluation.protocols.same_modality`), None for other layouts."""
+    module: ReIDModel = accelerator.unwrap_model(model)
+    views = FinetuneViews(tuple(config.image_size), normalization=config.normalization)
+    was_training = module.training
+    module.eval()
+    try:
+        return same_modality(lambda v, m: module.embed(v, m, config.eval_feature), config.shards,
+                             size=tuple(config.image_size), transform=views.eval_views,
+                             batch_size=config.eval_batch_size, device=accelerator.device, flip=config.eval_flip,
+                             source="auto" if config.source == "cache" else config.source,
+                             rank=accelerator.process_index, world=accelerator.num_processes,
+                             gather=gather_rows(accelerator), progress=config.progress_bar)
+    finally:
+        module.train(was_training)
+
+
 def _eval_line(results: list[ProtocolResult], epoch: int) -> str:
     """A periodic evaluation in one line (the full table is printed once, at the end)."""
     scores = "; ".join(f"{r.setting} R1 {100 * r.rank(1):.2f} mAP {100 * r.mAP:.2f}" for r in results)
@@ -869,10 +924,11 @@ def run_finetune(config: FinetuneConfig, resume: Optional[str] = None) -> Finetu
         best_results, best_epoch = evaluate_best(accelerator, model, config, data.protocol, out / BEST, last_step,
                                                  last)
     selected = "best_trial0" if config.tracks_best and best_results else "last"
+    same = same_modality_of_model(accelerator, model, config)
     seconds = time.perf_counter() - started
     if accelerator.is_main_process:
         write_results(out / "results.json", config, init, last, best_results, best_epoch, Path(checkpoint), seconds,
-                      history)
+                      history, same, data.num_classes)
     accelerator.end_training()
     return FinetuneResult(best_results if selected == "best_trial0" else last, history, out, Path(checkpoint), seconds,
                           selected, last, best_results, best_epoch)
@@ -896,10 +952,11 @@ def evaluate_best(accelerator, model: nn.Module, config: FinetuneConfig, protoco
 
 def write_results(path: Path, config: FinetuneConfig, init: str, last: list[ProtocolResult],
                   best: list[ProtocolResult], best_epoch: Optional[int], checkpoint: Path, seconds: float,
-                  history: list[dict]) -> None:
+                  history: list[dict], same: Optional[dict] = None, labelled_ids: Optional[int] = None) -> None:
     """``results.json``: ``results`` (the reported model's, ``selected``), ``last`` and, when the
     best is tracked, ``best_trial0`` (its epoch, the trial-0 Rank-1 it was selected by, its folder),
-    each labelled."""
+    each labelled; ``same_modality`` (SYSU layouts: RGB->RGB of the last model, a reference figure)
+    and ``labelled_ids`` (the identities whose labels were used)."""
     train_epochs = [h["epoch"] for h in history if h["kind"] == "train"]
     selected = "best_trial0" if config.tracks_best and best else "last"
     report: dict[str, Any] = {
@@ -907,7 +964,9 @@ def write_results(path: Path, config: FinetuneConfig, init: str, last: list[Prot
         "results": [r.to_dict() for r in (best if selected == "best_trial0" else last)],
         "last": {"label": LAST_LABEL, "epoch": train_epochs[-1] if train_epochs else None,
                  "checkpoint": str(checkpoint), "results": [r.to_dict() for r in last]},
-        "checkpoint": str(checkpoint), "init": init, "seconds": seconds}
+        "checkpoint": str(checkpoint), "init": init, "seconds": seconds, "labelled_ids": labelled_ids}
+    if same is not None:
+        report["same_modality"] = {"setting": "RGB->RGB (other camera), gallery split", **same}
     if config.tracks_best:
         folder = path.parent / BEST
         info = read_json(folder / STATE_FILE) if (folder / STATE_FILE).is_file() else {}

@@ -62,6 +62,7 @@ from train.config import (
 )
 from train.methods import METHODS
 from train.methods.base import Method, Progress, StepOutput
+from train.monitoring import monitor_record, monitor_shards
 from train.runtime import (
     EXIT_STATUS_HELP,
     LossCheck,
@@ -318,6 +319,7 @@ def train(config: RunConfig, resume: Optional[str] = None) -> None:
     accelerator.print(f"configuration ({accelerator.num_processes} process(es), {accelerator.device}):\n"
                       + describe(config))
     source = build_source(cfg, method, accelerator)
+    monitor_on = monitor_shards(cfg.shards, cfg.monitor_shards) if cfg.monitor_every else None
     if accelerator.is_main_process:  # the settings are usable: record them with the run
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         save_config(config, Path(cfg.output_dir) / CONFIG_FILE)
@@ -351,6 +353,19 @@ def train(config: RunConfig, resume: Optional[str] = None) -> None:
                 "total_steps": total_steps, "world": accelerator.num_processes, "method": config.method}
 
     monitor = Monitor(accelerator, Path(cfg.output_dir), start, last_step, cfg.progress_bar)
+
+    def evaluate_frozen(done: int) -> None:
+        """The frozen backbone's retrieval (train.monitoring), logged as a ``monitor`` record."""
+        record = monitor_record(method, accelerator, *monitor_on, cfg.monitor_trials)
+        if record:
+            record = {**record, "step": done, "epoch": done // steps_per_epoch}
+            monitor.log.write(record, done)
+            same = f", RGB->RGB R1 {100 * record['same_modality_R1']:.2f}" if "same_modality_R1" in record else ""
+            tqdm.write(f"monitor after {done} steps: {record['setting']} R1 {100 * record['R1']:.2f} "
+                       f"mAP {100 * record['mAP']:.2f}{same}")
+
+    if monitor_on is not None and start == 0:
+        evaluate_frozen(0)  # the initialisation: the baseline the curve starts from
     generator = torch.Generator(device=accelerator.device)
     stream = endless(source)
     saved_at = start
@@ -371,6 +386,10 @@ def train(config: RunConfig, resume: Optional[str] = None) -> None:
                 values = {"lr": float(schedules["lr"][step]), "wd": float(schedules["wd"][step]),
                           **method.log_values()}
                 monitor.flush(done, progress.epoch, values)  # raises on a non-finite loss
+            epochs_done, in_epoch = divmod(done, steps_per_epoch)
+            if monitor_on is not None and ((in_epoch == 0 and epochs_done % cfg.monitor_every == 0)
+                                           or done == last_step):
+                evaluate_frozen(done)
             if save:
                 checkpointer.save(trainer_state(done), {CONFIG_FILE: config.to_dict()})
                 saved_at = done

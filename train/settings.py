@@ -91,11 +91,15 @@ class TrainConfig:
     progress_bar: bool = setting(True, "tqdm bar with loss and images/s (process 0)")
     log_with: str = setting("tensorboard", "experiment trackers (accelerate's): tensorboard (in output_dir/tensorboard), "
                                            "wandb, mlflow, several comma-separated, or none")
+    # monitoring on the task (train.monitoring)
+    monitor_every: int = setting(0, "epochs between retrieval evaluations of the frozen backbone (0: off)")
+    monitor_shards: str = setting("", "shards with query/gallery splits to monitor on (default: --shards)")
+    monitor_trials: int = setting(1, "SYSU-MM01: gallery draws per monitoring evaluation")
 
     def validate(self) -> None:
         """Refuse impossible values with a :class:`UserError` before anything is built."""
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "keep_last": self.keep_last,
-                    "log_every": self.log_every}
+                    "log_every": self.log_every, "monitor_trials": self.monitor_trials}
         for key, value in positive.items():
             if value < 1:
                 raise UserError(f"--{key} must be at least 1, got {value}")
@@ -103,7 +107,8 @@ class TrainConfig:
                         "warmup_epochs": self.warmup_epochs, "clip_grad": self.clip_grad,
                         "checkpoint_every_steps": self.checkpoint_every_steps,
                         "checkpoint_every_epochs": self.checkpoint_every_epochs,
-                        "weight_decay": self.weight_decay, "weight_decay_end": self.weight_decay_end}
+                        "weight_decay": self.weight_decay, "weight_decay_end": self.weight_decay_end,
+                        "monitor_every": self.monitor_every}
         for key, value in non_negative.items():
             if value < 0:
                 raise UserError(f"--{key} must not be negative, got {value}")

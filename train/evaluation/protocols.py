@@ -423,6 +423,39 @@ def evaluate(embed: Embedder, shards: str | Path, protocol: str, *, size: tuple[
     return chosen.score(features, picked_trials, max_rank, ranking)
 
 
+#: Layouts whose ``gallery`` split is one modality's images of the test identities (SYSU-MM01:
+#: RGB), so a same-modality retrieval can be measured beside the cross-modal protocol.
+SAME_MODALITY_LAYOUTS = ("sysu-mm01",)
+
+
+def same_modality_metrics(features: SplitFeatures, max_rank: int = 20) -> dict[str, float]:
+    """Same-modality retrieval within one split (SYSU-MM01's RGB ``gallery``): every image
+    queries all the others, with the entries of its own identity AND camera removed (the market
+    rule, which removes the query itself too), so a hit is the same person seen by another camera.
+    A reference figure beside the cross-modal protocol, never part of it. Returns ``R1``, ``mAP``,
+    ``mINP`` (fractions) and ``queries`` (those with a match in another camera)."""
+    dist = distance_matrix(features.features, features.features)
+    metrics = compute_metrics(dist, features.pid, features.pid, features.camera, features.camera, "market",
+                              max_rank=max_rank)
+    return {"R1": float(metrics.cmc[0]), "mAP": float(metrics.mAP), "mINP": float(metrics.mINP),
+            "queries": int(metrics.valid_queries)}
+
+
+def same_modality(embed: Embedder, shards: str | Path, *, size: tuple[int, int],
+                  transform: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 128,
+                  device: str | torch.device | None = None, flip: bool = False, source: str = "auto",
+                  rank: int = 0, world: int = 1, gather: Gather | None = None,
+                  progress: bool = True) -> dict[str, float] | None:
+    """:func:`same_modality_metrics` of the ``gallery`` split of shards of a
+    :data:`SAME_MODALITY_LAYOUTS` layout (None for another layout, and on processes other than 0)."""
+    if load_manifest(shards).layout not in SAME_MODALITY_LAYOUTS:
+        return None
+    features = extract_features(embed, shards, "gallery", size=size, transform=transform, batch_size=batch_size,
+                                device=device, flip=flip, source=source, rank=rank, world=world, gather=gather,
+                                progress=progress)
+    return same_modality_metrics(features) if rank == 0 else None
+
+
 def merge_trials(results: list[list[ProtocolResult]]) -> list[ProtocolResult]:
     """Average per-setting results of separate runs (RegDB: one fine-tuned model per trial)."""
     merged = []
