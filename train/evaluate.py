@@ -19,6 +19,7 @@ import torch
 
 from common.cli import ArgumentParser, parse_bool, run_cli
 from common.errors import UserError
+from common.outputs import output_folder
 from shards.manifest import load_manifest
 from shards.remote import local_shards
 from train.evaluation.protocols import (
@@ -139,18 +140,6 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"cannot write --out {out}: its folder {out.parent} is not writable")
 
 
-def _check_folder(folder: Path) -> None:
-    """Refuse a pictures folder that cannot be made or written, before any feature is extracted."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--visrank_dir {folder} is a file; give a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --visrank_dir {folder}: {err.strerror or err}") from None
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"--visrank_dir {folder} is not writable")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if len(args.checkpoint) > 1 and args.protocol != "regdb":
@@ -165,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_writable(args.out)  # before the work, not after it
     visrank_dir = args.visrank_dir or (args.out.parent if args.out is not None else Path(".")) / "visrank"
     if args.visrank:
-        _check_folder(visrank_dir)
+        output_folder(visrank_dir, "--visrank_dir")  # before any feature is extracted
     recorder = RankingRecorder()
     ranking = Ranking(rerank=rerank, on_ranked=recorder if args.visrank else None)
     args.shards = Path(local_shards(args.shards))

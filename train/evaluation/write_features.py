@@ -40,6 +40,7 @@ from torch import nn
 
 from pipelines.sources.wds import decode_image
 from common.errors import UserError
+from common.outputs import output_folder
 from shards.format import IMAGE_EXT, META_EXT, MODALITY_CODE, SampleMeta, parse_index
 from shards.layouts import scan
 from shards.manifest import load_manifest
@@ -83,18 +84,10 @@ def check_output(out: str | Path, fmt: str, overwrite: bool = False) -> tuple[Pa
     """Checked before any work (nothing computed and then lost): ``out`` is a folder or can be
     made, and holds no features or index already unless ``overwrite``."""
     features, index = output_paths(out, fmt)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} is a file; expected a folder for the features and index.csv")
+    out = output_folder(out, "output")
     existing = [p for p in (features, index) if p.exists()]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} exists; choose another output folder or overwrite it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the output folder {out}: {err.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"output folder {out} is not writable")
     return features, index
 
 
