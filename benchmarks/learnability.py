@@ -7,7 +7,8 @@ Steps (each reused when its output exists): generate a synthetic SYSU-MM01 tree;
 *validation view* of it (:func:`validation_view`: the ``exp/val_id.txt`` identities play the
 test role, the test identities are left out, so a recipe chosen here never sees them); build
 shards of that view (or of the real split with ``--split test``); run ``python -m
-train.finetune --preset agw-tiny`` with the given overrides; then measure, on the held-out
+train.finetune --preset agw-tiny`` with the given overrides (from random init, or from
+``--init FILE``, e.g. a pre-training's export, to compare inits on validation identities); then measure, on the held-out
 identities, cross-modal retrieval (the fine-tuning's own SYSU-MM01 all-search result) and
 same-modality retrieval RGB->RGB (:func:`same_modality_metrics`: every RGB image queries the other
 RGB images, those of its own camera removed, the Market rule). One JSON line per run goes to
@@ -112,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="agw-tiny", help="fine-tuning preset (default agw-tiny)")
     parser.add_argument("--finetune", action="append", default=[], metavar="KEY=VALUE",
                         help="a train.finetune setting; repeatable")
+    parser.add_argument("--init", default="random",
+                        help="the fine-tuning's --init: random (default) or a backbone file, e.g. a pre-training "
+                             "export (compare inits on the validation identities)")
     parser.add_argument("--seed", type=int, action="append", default=None,
                         help="fine-tuning seed; repeatable (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the fine-tuning (default 1)")
@@ -148,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         out = work / "runs" / f"{args.name}-{args.split}-seed{seed}"
         load_before = load_average()
         seconds, cpu = _run([sys.executable, "-m", "train.finetune", "--preset", args.preset, "--shards", str(shards),
-                        "--init", "random", *tokens, "--seed", str(seed), "--output_dir", str(out),
+                        "--init", args.init, *tokens, "--seed", str(seed), "--output_dir", str(out),
                         "--progress_bar", "false", "--tensorboard", "false"], work / f"{out.name}.log", args.threads)
         results = json.loads((out / "results.json").read_text())
         same = same_modality_rank(out, shards)
         row = {"name": args.name, "split": args.split, "seed": seed, "ids": args.ids,
                "images_per_id": args.images_per_id, "held_out_ids": manifest.splits["query"].total.identities,
-               "finetune": args.finetune, "finetune_s": round(seconds, 1),
+               "init": args.init, "finetune": args.finetune, "finetune_s": round(seconds, 1),
                "finetune_cpu_s": round(cpu, 1), "threads": args.threads,
                "load_before": load_before, "load_after": load_average(), "cross_modal": results,
                "rgb_rgb": same, **timings}

@@ -158,7 +158,6 @@ def test_arm_statistics_and_verdicts_on_hand_worked_rows():
 def test_training_children_get_the_thread_count():
     env = demo.thread_environment(3)
     assert env["OMP_NUM_THREADS"] == "3" and env["MKL_NUM_THREADS"] == "3"
-    assert demo.available_cores() == len(__import__("os").sched_getaffinity(0))
 
 
 def test_a_root_that_is_not_the_layout_is_one_line_with_status_2(tmp_path):
