@@ -8,8 +8,8 @@ Steps (each reused when its output exists): generate a synthetic SYSU-MM01 tree;
 test role, the test identities are left out, so a recipe chosen here never sees them); build
 shards of that view (or of the real split with ``--split test``); run ``python -m
 train.finetune --preset agw-tiny`` with the given overrides (from random init, or from
-``--init FILE``, e.g. a pre-training's export, to compare inits on validation identities); then measure, on the held-out
-identities, cross-modal retrieval (the fine-tuning's own SYSU-MM01 all-search result) and
+``--init FILE``, e.g. a pre-training's export, to compare inits on validation identities); then
+measure, on the held-out identities, cross-modal retrieval (the fine-tuning's own SYSU-MM01 all-search result) and
 same-modality retrieval RGB->RGB (:func:`same_modality_metrics`: every RGB image queries the other
 RGB images, those of its own camera removed, the Market rule). One JSON line per run goes to
 ``<work>/results.jsonl`` with the timings and the load average beside them.
