@@ -26,9 +26,10 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 #: The exit status after each signal (128 + the signal number, as shells report it).
 EXIT_STATUS = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}
@@ -123,15 +124,25 @@ def ignore_signals() -> None:
 CHILD_GRACE_SECONDS = 30.0
 
 
-def wait_child(child: subprocess.Popen, grace: float = CHILD_GRACE_SECONDS) -> int:
+def wait_child(child: subprocess.Popen, grace: float = CHILD_GRACE_SECONDS,
+               while_waiting: Optional[Callable[[], None]] = None, every: float = 0.2) -> int:
     """Wait for ``child``; if this process is stopped meanwhile, pass the signal on (a training
     stage saves nothing half-written and stops with one line), give the child ``grace`` seconds,
-    then kill it: no child outlives its parent."""
+    then kill it: no child outlives its parent.
+
+    ``while_waiting`` is called every ``every`` seconds until the child ends (the demo tends its
+    fine-tuning runs there). If it raises, the child is stopped as on SIGTERM and the error
+    goes on."""
     try:
+        while while_waiting is not None:
+            try:
+                return child.wait(timeout=every)
+            except subprocess.TimeoutExpired:
+                while_waiting()
         return child.wait()
-    except KeyboardInterrupt as err:
+    except BaseException as err:
         try:
-            child.send_signal(signal_of(err))
+            child.send_signal(signal_of(err) if isinstance(err, KeyboardInterrupt) else signal.SIGTERM)
             child.wait(timeout=grace)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             child.kill()

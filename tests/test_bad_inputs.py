@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 import train.checkpointing as checkpointing
 from benchmarks.__main__ import main as benchmarks_main
 from benchmarks.registry import Suite
-from common.interrupts import stop_on_signals
+from common.interrupts import stop_on_signals, wait_child
 from common.textfiles import decode_user_text
 from shards.build import build
 from shards.cli import main as shards_main
@@ -534,19 +534,39 @@ def test_sigterm_during_pretraining_with_dataloader_workers(data, tmp_path, sig=
 
 
 def test_sigterm_to_the_demo_takes_its_stage_down(tmp_path):
+    """Signalled while the pre-training and a random-init fine-tuning run side by side: both go."""
     out = tmp_path / "demo"
     seen: list[int] = []
 
-    def stage_running(process) -> bool:
+    def stages_running(process) -> bool:
         kids = children_of(process.pid)
         seen[:] = kids
-        return any(b"train." in Path(f"/proc/{k}/cmdline").read_bytes() for k in kids if Path(f"/proc/{k}").exists())
+        lines = [Path(f"/proc/{k}/cmdline").read_bytes() for k in kids if Path(f"/proc/{k}").exists()]
+        return all(any(name in line for line in lines) for name in (b"train.pretrain", b"train.finetune"))
 
-    argv = ["-m", "train.demo", "--scale", "tiny", "--out", str(out), "--quiet", "--workers", "1"]
-    process, output = start_and_signal(argv, stage_running, signal.SIGTERM)
+    argv = ["-m", "train.demo", "--scale", "tiny", "--out", str(out), "--quiet", "--workers", "1",
+            "--jobs", "2", "--threads", "1"]
+    process, output = start_and_signal(argv, stages_running, signal.SIGTERM)
     check(process.returncode, output, Case("demo SIGTERM", None, lambda d, t: [], SIGTERM_EXIT, ("terminated",)))
     time.sleep(0.5)
     assert not [k for k in seen if Path(f"/proc/{k}").exists() and b"train." in Path(f"/proc/{k}/cmdline").read_bytes()]
+
+
+def test_wait_child_tends_the_caller_and_stops_the_child_when_that_fails():
+    """The demo tends its fine-tuning runs while the pre-training child runs: the callback runs
+    while the child lives; if it raises, the child gets SIGTERM and the error goes on."""
+    calls: list[float] = []
+    quick = subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(1.0); sys.exit(3)"])
+    assert wait_child(quick, while_waiting=lambda: calls.append(time.monotonic()), every=0.1) == 3
+    assert len(calls) >= 3  # ~1 s of a child at 0.1 s per call (the interpreter's start-up adds more)
+
+    def failing() -> None:
+        raise RuntimeError("a fine-tuning run failed")
+
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with pytest.raises(RuntimeError, match="fine-tuning run failed"):
+        wait_child(slow, grace=5.0, while_waiting=failing, every=0.1)
+    assert slow.returncode == -signal.SIGTERM
 
 
 # -- fine-tuning and evaluation ---------------------------------------------------------------------

@@ -33,7 +33,9 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 def mmgl_run(tmp_path_factory):
     """One tiny MMGL demo, shared by the tests that read its outputs."""
     out = tmp_path_factory.mktemp("demo")
-    code = demo.main(["--out", str(out), *TINY])
+    # two one-thread slots whatever the machine's load: the random-init runs start beside the
+    # pre-training, which then has one thread
+    code = demo.main(["--out", str(out), *TINY, "--jobs", "2", "--threads", "1"])
     return code, out / "mmgl-tiny"
 
 
@@ -71,6 +73,7 @@ def test_tiny_mmgl_demo_runs_every_stage_and_writes_the_report(mmgl_run):
     assert all(0.0 <= m["R1"] <= 1.0 and 0.0 <= m["same_modality_R1"] <= 1.0 for m in monitor)
     assert len(monitor) < len(curve)
     assert [s["stage"] for s in document["stages"]] == ["data", "shards", "pretrain", "export", "finetune"]
+    assert "1 thread(s) beside 1 fine-tuning run(s) at a time" in document["stages"][2]["note"]
     machine = document["machine"]
     assert machine["wall_seconds"] > 0 and len(machine["load_average"]) == 3 and machine["threads"] >= 1
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -46,11 +46,13 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -230,6 +232,8 @@ class Demo:
     threads: int = 1
     jobs: int = 1
     pretrain_threads: int = 1
+    #: the pre-training's threads while fine-tuning runs use the other cores (0: never side by side)
+    shared_pretrain_threads: int = 0
     label_fraction: float = 0.0
 
     @property
@@ -282,12 +286,18 @@ def make_demo(args: argparse.Namespace) -> Demo:
     jobs = args.jobs or max(1, min(2, cores))
     threads = args.threads or max(1, cores // jobs)
     pretrain_threads = args.threads or cores
+    # Beside the pre-training, the runs that need no pre-trained backbone use the cores it
+    # leaves: on 2 cores, pre-training on 2 threads was only 1.27x faster than on 1. Not on a GPU,
+    # where the runs would share the one device's memory and time.
+    shared = 0
+    if jobs > 1 and not torch.cuda.is_available():
+        shared = args.threads or max(1, cores - threads)
     return Demo(args.method, args.scale, plan, args.out.expanduser().resolve() / name, root,
                 args.ids or plan.ids, args.images_per_id or plan.images_per_id, args.seed, args.workers,
                 setting_tokens(args.pretrain, "pretrain"), setting_tokens(args.finetune, "finetune"),
                 progress=not args.quiet and sys.stderr.isatty(),
                 seeds=tuple(args.seed + i for i in range(args.seeds or plan.seeds)), imagenet=imagenet,
-                threads=threads, jobs=jobs, pretrain_threads=pretrain_threads,
+                threads=threads, jobs=jobs, pretrain_threads=pretrain_threads, shared_pretrain_threads=shared,
                 label_fraction=plan.label_fraction if args.label_fraction is None else args.label_fraction)
 
 
@@ -407,8 +417,10 @@ def pretrain_state(demo: Demo, max_steps: int) -> Optional[tuple[int, int]]:
     return int(state["step"]), min(total, max_steps) if max_steps else total
 
 
-def stage_pretrain(demo: Demo, records: StageRecords, fingerprint: str) -> tuple[None, str]:
-    """Pre-train in a child process; resume an unfinished run, skip a finished one."""
+def stage_pretrain(demo: Demo, records: StageRecords, fingerprint: str, pool: JobPool) -> tuple[None, str]:
+    """Pre-train in a child process; resume an unfinished run, skip a finished one. While it
+    runs, ``pool``'s queued runs use the cores it leaves (``demo.shared_pretrain_threads``);
+    with none queued it has ``demo.pretrain_threads``."""
     config = pretrain_config(demo.method, demo.plan.pretrain_preset, pretrain_tokens(demo))
     key = {"config": config.to_dict(), "shards": fingerprint}
     key["config"]["train"].pop("progress_bar")  # display only: never a reason to recompute
@@ -420,13 +432,17 @@ def stage_pretrain(demo: Demo, records: StageRecords, fingerprint: str) -> tuple
                *pretrain_tokens(demo), f"--progress_bar={str(demo.progress).lower()}"]
     if state is not None:
         command.append("--resume")
-    run_child(command, demo.log_file("pretrain"), demo.progress, demo.pretrain_threads)
+    shared = bool(pool.pending) and demo.shared_pretrain_threads > 0
+    pool.slots = demo.jobs - 1 if shared else 0
+    threads = demo.shared_pretrain_threads if shared else demo.pretrain_threads
+    run_child(command, demo.log_file("pretrain"), demo.progress, threads, while_waiting=pool.poll)
     if state is not None:
         how = f"resumed at step {state[0]}"
     else:
         how = "settings changed, recomputed" if status == "changed" else "trained"
     steps = pretrain_state(demo, config.train.max_steps)
-    return None, f"{how}: {steps[0] if steps else 0} steps in {demo.pretrain_dir}"
+    beside = f", {threads} thread(s) beside {pool.slots} fine-tuning run(s) at a time" if shared else ""
+    return None, f"{how}: {steps[0] if steps else 0} steps in {demo.pretrain_dir}{beside}"
 
 
 def stage_export(demo: Demo) -> tuple[None, str]:
@@ -516,65 +532,114 @@ def finetune_job(demo: Demo, records: StageRecords, arm: Arm, seed: int, fingerp
     return FinetuneJob(arm, seed, command, out, status)
 
 
-def stage_finetune(demo: Demo, records: StageRecords, fingerprint: str) -> tuple[dict[str, dict], str]:
-    """Every (arm, seed) fine-tuning, ``demo.jobs`` at a time (independent child processes of
-    ``demo.threads`` threads each: on a small CPU two one-thread runs side by side do more than
-    one two-thread run). Finished runs with the same settings and init are reused; each run's
-    end prints one line. Returns ``{run name: read_finetune(...)}``."""
-    # Seed-major order: every arm's first seed comes before any arm's second, so an interrupted
-    # or slow run already holds a like-for-like comparison.
-    jobs = [finetune_job(demo, records, arm, seed, fingerprint) for seed in demo.seeds for arm in demo_arms(demo)]
-    pending = [j for j in jobs if not (j.status == "same" and (j.out / RESULTS_FILE).is_file())]
-    running: list[FinetuneJob] = []
-    reused = len(jobs) - len(pending)
-    try:
-        run_jobs(demo, pending, running)
-    except KeyboardInterrupt as err:  # a stopped demo stops its runs too (as common.interrupts.wait_child)
-        for job in running:
-            job.process.send_signal(signal_of(err))
-        for job in running:
+def finetune_jobs(demo: Demo, records: StageRecords, fingerprint: str, inits: tuple[str, ...]) -> list[FinetuneJob]:
+    """The jobs of every (arm, seed) whose init is in ``inits``, seed-major (every arm's first
+    seed before any arm's second)."""
+    return [finetune_job(demo, records, arm, seed, fingerprint)
+            for seed in demo.seeds for arm in demo_arms(demo) if arm.init in inits]
+
+
+class JobPool:
+    """Fine-tuning runs as child processes of ``demo.threads`` threads, ``slots`` at a time (on
+    a small CPU two one-thread runs side by side do more than one two-thread run).
+
+    :meth:`poll` starts and reaps; it is called while the pre-training runs (with one slot fewer:
+    the runs that do not need the pre-trained backbone use the cores it leaves) and then until
+    every run has finished. Longer runs start first (all labels before a label fraction), so the
+    last ones do not leave a core idle. A finished run prints one line; a failed one stops the
+    others and is a :class:`StageFailed`."""
+
+    def __init__(self, demo: Demo) -> None:
+        self.demo = demo
+        self.pending: list[FinetuneJob] = []
+        self.running: list[FinetuneJob] = []
+        self.slots = demo.jobs
+        self.finished = 0
+
+    def add(self, jobs: list[FinetuneJob]) -> None:
+        """Queue the jobs that have no finished run with the same settings."""
+        self.pending += [j for j in jobs if not (j.status == "same" and (j.out / RESULTS_FILE).is_file())]
+        self.pending.sort(key=lambda j: -j.arm.label_fraction)  # stable: seed-major within a fraction
+
+    def poll(self) -> None:
+        """Start pending runs into free slots; reap the finished ones."""
+        while self.pending and len(self.running) < self.slots:
+            self._start(self.pending.pop(0))
+        for job in [j for j in self.running if j.process.poll() is not None]:
+            self.running.remove(job)
+            job.log.close()
+            if job.process.returncode:
+                self.stop(None)
+                log = Path(job.log.name)
+                lines = [line for line in log.read_text().splitlines() if line.strip()]
+                raise StageFailed(f"train.finetune failed (exit status {job.process.returncode}): "
+                                  f"{lines[-1] if lines else ''} -- log: {log}")
+            self.finished += 1
+            print_run(job)
+
+    def drain(self) -> None:
+        """Poll until every queued run has finished."""
+        while self.pending or self.running:
+            self.poll()
+            time.sleep(0.2)
+
+    def stop(self, err: Optional[BaseException]) -> None:
+        """Stop the running runs: with the signal the demo got (``err`` a KeyboardInterrupt: they
+        save nothing half-written and stop with one line, as common.interrupts.wait_child), else
+        SIGTERM; killed after the grace period."""
+        self.pending.clear()
+        for job in self.running:
+            job.process.send_signal(signal_of(err) if isinstance(err, KeyboardInterrupt) else signal.SIGTERM)
+        for job in self.running:
             try:
                 job.process.wait(timeout=CHILD_GRACE_SECONDS)
             except subprocess.TimeoutExpired:
                 job.process.kill()
                 job.process.wait()
-        raise
-    runs = {run_name(j.arm, j.seed): {"arm": j.arm.name, "init": j.arm.init, "label_fraction": j.arm.label_fraction,
-                                      "seed": j.seed, **read_finetune(j.out)} for j in jobs}
-    note = f"{len(jobs)} runs ({len(demo_arms(demo))} arms x {len(demo.seeds)} seeds)"
-    return runs, note + (f", {reused} finished run(s) reused" if reused else "") + f" in {demo.run_dir}"
-
-
-def run_jobs(demo: Demo, pending: list[FinetuneJob], running: list[FinetuneJob]) -> None:
-    """Start ``pending`` jobs, ``demo.jobs`` at a time, until all have finished; print a line per
-    finished run; a failed run stops the others and is a :class:`StageFailed`."""
-    while pending or running:
-        while pending and len(running) < demo.jobs:
-            job = pending.pop(0)
-            job.log = open(demo.log_file(f"finetune-{run_name(job.arm, job.seed)}"), "a")
-            job.log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}\n{' '.join(job.command)}\n\n")
-            job.log.flush()
-            job.process = subprocess.Popen(job.command, stdout=job.log, stderr=subprocess.STDOUT,
-                                           env=thread_environment(demo.threads))
-            running.append(job)
-        time.sleep(0.2)
-        for job in [j for j in running if j.process.poll() is not None]:
-            running.remove(job)
             job.log.close()
-            if job.process.returncode:
-                for other in running:
-                    other.process.terminate()
-                log = Path(job.log.name)
-                lines = [line for line in log.read_text().splitlines() if line.strip()]
-                raise StageFailed(f"train.finetune failed (exit status {job.process.returncode}): "
-                                  f"{lines[-1] if lines else ''} -- log: {log}")
-            result = read_finetune(job.out)
-            same = result["same_modality"]
-            how = "settings or init changed, recomputed: " if job.status == "changed" else ""
-            print(f"    {run_name(job.arm, job.seed):<34} {how}R1 {100 * result['metrics']['R1']:.2f}, "
-                  f"mAP {100 * result['metrics']['mAP']:.2f}"
-                  + (f", RGB->RGB R1 {100 * same['R1']:.2f}" if same else "")
-                  + f" ({_duration(result['seconds'])})", flush=True)
+        self.running.clear()
+
+    def _start(self, job: FinetuneJob) -> None:
+        job.log = open(self.demo.log_file(f"finetune-{run_name(job.arm, job.seed)}"), "a")
+        job.log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}\n{' '.join(job.command)}\n\n")
+        job.log.flush()
+        job.process = subprocess.Popen(job.command, stdout=job.log, stderr=subprocess.STDOUT,
+                                       env=thread_environment(self.demo.threads))
+        self.running.append(job)
+
+
+def print_run(job: FinetuneJob) -> None:
+    """The line of one finished run: cross-modal (or Market) R1 and mAP, RGB->RGB R1, time."""
+    result = read_finetune(job.out)
+    same = result["same_modality"]
+    how = "settings or init changed, recomputed: " if job.status == "changed" else ""
+    print(f"    {run_name(job.arm, job.seed):<34} {how}R1 {100 * result['metrics']['R1']:.2f}, "
+          f"mAP {100 * result['metrics']['mAP']:.2f}"
+          + (f", RGB->RGB R1 {100 * same['R1']:.2f}" if same else "")
+          + f" ({_duration(result['seconds'])})", flush=True)
+
+
+def stage_finetune(demo: Demo, records: StageRecords, fingerprint: str, pool: JobPool,
+                   early: list[FinetuneJob]) -> tuple[dict[str, dict], str]:
+    """Every (arm, seed) fine-tuning: ``early`` (the jobs queued before the pre-training, which
+    need no pre-trained backbone) and the pre-trained arm's, all ``demo.jobs`` at a time.
+    Finished runs with the same settings and init are reused. Returns ``{run name:
+    read_finetune(...)}`` in arm order."""
+    late = finetune_jobs(demo, records, fingerprint, ("pretrained",))
+    done_early = pool.finished
+    pool.slots = demo.jobs
+    pool.add(late)
+    pool.drain()
+    by_name = {run_name(j.arm, j.seed): j for j in [*early, *late]}
+    order = [run_name(arm, seed) for seed in demo.seeds for arm in demo_arms(demo)]
+    runs = {name: {"arm": by_name[name].arm.name, "init": by_name[name].arm.init,
+                   "label_fraction": by_name[name].arm.label_fraction, "seed": by_name[name].seed,
+                   **read_finetune(by_name[name].out)} for name in order}
+    reused = len(order) - pool.finished
+    note = f"{len(order)} runs ({len(demo_arms(demo))} arms x {len(demo.seeds)} seeds)"
+    if done_early:
+        note += f", {done_early} of them during the pre-training"
+    return runs, note + (f", {reused} finished run(s) reused" if reused else "") + f" in {demo.run_dir}"
 
 
 def thread_environment(threads: int) -> dict[str, str]:
@@ -584,17 +649,20 @@ def thread_environment(threads: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def run_child(command: list[str], log: Path, progress: bool, threads: int) -> None:
+def run_child(command: list[str], log: Path, progress: bool, threads: int,
+              while_waiting: Optional[Callable[[], None]] = None) -> None:
     """Run a training stage with ``threads`` threads; its stdout (and stderr, unless a progress
-    bar shows there) is appended to ``log`` (a resumed stage keeps the earlier part). A failure
-    is a :class:`StageFailed` naming the log and its last line."""
+    bar shows there) is appended to ``log`` (a resumed stage keeps the earlier part).
+    ``while_waiting`` is called every 0.2 s while it runs. A failure is a
+    :class:`StageFailed` naming the log and its last line."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}\n{' '.join(command)}\n\n")
         f.flush()
         with subprocess.Popen(command, stdout=f, stderr=None if progress else subprocess.STDOUT,
                               env=thread_environment(threads)) as child:
-            code = wait_child(child)  # a stopped demo stops its stage too (common.interrupts)
+            # a stopped demo stops its stage too (common.interrupts)
+            code = wait_child(child, while_waiting=while_waiting)
     if code:
         lines = [line for line in log.read_text().splitlines() if line.strip()]
         raise StageFailed(f"{command[2]} failed (exit status {code}): {lines[-1] if lines else ''} -- log: {log}")
@@ -799,7 +867,7 @@ def results_document(demo: Demo, manifest, pretrain: list[dict], runs: dict[str,
                      "seeds": list(demo.seeds), "runs": runs},
         "stages": stages,
         "machine": {"cpus": os.cpu_count(), "cpus_available": available_cores(), "threads": demo.threads,
-                    "pretrain_threads": demo.pretrain_threads,
+                    "pretrain_threads": demo.pretrain_threads, "shared_pretrain_threads": demo.shared_pretrain_threads,
                     "jobs": demo.jobs, "load_average": list(os.getloadavg()), "wall_seconds": round(wall, 1),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available()},
         "paths": {"run": str(demo.run_dir), "shards": str(demo.shards_dir), "pretrain": str(demo.pretrain_dir),
@@ -824,7 +892,8 @@ def check_settings(demo: Demo) -> None:
 
 
 def run(demo: Demo, fresh: bool) -> dict:
-    """Every stage, then the report; returns the results document."""
+    """Every stage, then the report; returns the results document. The fine-tuning runs that
+    need no pre-trained backbone are queued before the pre-training and start beside it."""
     started = time.perf_counter()
     check_settings(demo)
     records = StageRecords(demo.run_dir, fresh)
@@ -832,9 +901,16 @@ def run(demo: Demo, fresh: bool) -> dict:
     if demo.root is None:
         clock.run("data", lambda: stage_data(demo, records))
     manifest = clock.run("shards", lambda: stage_shards(demo))
-    clock.run("pretrain", lambda: stage_pretrain(demo, records, manifest.fingerprint))
-    clock.run("export", lambda: stage_export(demo))
-    runs = clock.run("finetune", lambda: stage_finetune(demo, records, manifest.fingerprint))
+    pool = JobPool(demo)
+    try:
+        early = finetune_jobs(demo, records, manifest.fingerprint, ("random", "imagenet"))
+        pool.add(early)
+        clock.run("pretrain", lambda: stage_pretrain(demo, records, manifest.fingerprint, pool))
+        clock.run("export", lambda: stage_export(demo))
+        runs = clock.run("finetune", lambda: stage_finetune(demo, records, manifest.fingerprint, pool, early))
+    except BaseException as err:  # a stopped or failed demo stops its runs too
+        pool.stop(err)
+        raise
     pretrain = pretrain_curve(demo)
     document = results_document(demo, manifest, pretrain, runs, clock.done, time.perf_counter() - started)
     return clock.run("report", lambda: write_report(demo, document, pretrain, runs))
@@ -851,8 +927,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo = make_demo(args)
     print(f"demo: {demo.method} at {demo.scale} scale on "
           f"{demo.root or f'synthetic {demo.layout} ({demo.ids} ids)'} -> {demo.run_dir}; "
-          f"{available_cores()} core(s) available; pre-training on {demo.pretrain_threads} thread(s), "
-          f"{demo.jobs} fine-tuning(s) at a time x {demo.threads} thread(s); "
+          f"{available_cores()} core(s) available; pre-training on {demo.pretrain_threads} thread(s)"
+          + (f" ({demo.shared_pretrain_threads} beside fine-tuning)" if demo.shared_pretrain_threads else "")
+          + f", {demo.jobs} fine-tuning(s) at a time x {demo.threads} thread(s); "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     started = time.perf_counter()
     try:
