@@ -122,10 +122,14 @@ _AGW_SMALL = ("--image_size", "64,32", "--pad", "4", "--ids_per_batch", "8", "--
               "--backbone_lr_factor", "1.0", "--eval_every", "0", "--eval_trials", "10", "--log_every", "50")
 _PASS_SMALL_PRETRAIN = ("--epochs", "10", "--max_steps", "0", "--batch_size", "32", "--warmup_epochs", "1",
                         "--log_every", "10", "--monitor_every", "2")
-# lr 1e-2 instead of TransReID's 4e-4 (tuned for a pre-trained ViT-S): at 4e-4 the 2-block test
-# ViT's ID loss stayed at ln(50 classes) for 10 epochs, from either init (measured).
-_TRANSREID_SMALL = ("--ids_per_batch", "8", "--instances", "4", "--epochs", "10", "--steps_per_epoch", "0",
-                    "--warmup_epochs", "2", "--eval_every", "0", "--lr", "0.01")
+# The fine-tuning recipe that fits the 2-block test ViT from scratch, chosen on the people of
+# another synthetic Market-1501 (data seed 1: none of the demo's test identities; README "The
+# PASS path"): SGD lr 0.1 instead of TransReID's 8e-3 (tuned for a pre-trained ViT-S: at 1e-2
+# the ID loss stayed near ln(65 classes) for 10 epochs), 100 epochs with 5 of warm-up, and no
+# random erasing (TransReID's p 0.5 blanks up to a third of the image, here up to 3 of the 8
+# patches a 64x32 image has: R1 33.5 with it, 46.9 without, same seed).
+_TRANSREID_SMALL = ("--ids_per_batch", "8", "--instances", "4", "--epochs", "100", "--steps_per_epoch", "0",
+                    "--warmup_epochs", "5", "--eval_every", "0", "--lr", "0.1", "--erase_p", "0")
 _TINY_PRETRAIN = ("--max_steps", "4", "--log_every", "2", "--monitor_every", "1")
 
 PLANS: dict[tuple[str, str], Plan] = {
