@@ -123,8 +123,11 @@ def test_changed_settings_recompute_only_the_stages_they_affect(mmgl_run, capsys
     assert max(h["epoch"] for h in document["finetune"]["runs"]["random-seed0"]["history"]) == 0
 
 
-def test_tiny_pass_demo_runs_on_the_market_layout(tmp_path):
-    assert demo.main(["--method", "pass", "--out", str(tmp_path), *TINY, "--label_fraction", "0"]) == 0
+def test_tiny_pass_demo_runs_on_the_market_layout(tmp_path, capsys):
+    code, out, _ = _run(capsys, "--method", "pass", "--out", str(tmp_path), *TINY, "--label_fraction", "0")
+    assert code == 0
+    table = out[out.index("market (protocol market, 1 trial(s)"):]
+    assert "PASS pre-trained" in table and "RGB->RGB" not in table  # Market-1501 has one modality
     document = json.loads((tmp_path / "pass-tiny" / "results.json").read_text())
     assert document["dataset"]["layout"] == "market1501" and document["protocol"] == "market"
     assert document["trials"] == 1

@@ -762,16 +762,20 @@ def comparison_table(demo: Demo, document: dict) -> str:
     first = next(iter(document["finetune"]["runs"].values()))
     titles = {"pretrained": METHOD_TITLES[demo.method], "random": "random init", "imagenet": "ImageNet init"}
     seeds = ", ".join(str(s) for s in demo.seeds)
+    # RGB->RGB only where the layout has two modalities (SYSU-MM01; Market-1501 is RGB only)
+    same = any(row["same_modality_R1"] is not None for row in document["summary"])
+    metrics = SUMMARY_METRICS if same else SUMMARY_METRICS[:-1]
     lines = [f"{first['setting']} (protocol {first['protocol']}, {first['trials']} trial(s); {first['queries']} "
              f"queries, gallery {first['gallery']:.0f} images; {document['test_ids']} test identities, chance R1 "
              f"{100 * document['chance_R1']:.2f}%)",
-             f"mean ± half the range over fine-tuning seeds {seeds}; RGB->RGB: same-modality R1, other camera",
-             f"{'arm':<44} {'R1':>15} {'mAP':>15} {'mINP':>15} {'RGB->RGB R1':>15}"]
+             f"mean ± half the range over fine-tuning seeds {seeds}"
+             + ("; RGB->RGB: same-modality R1, other camera" if same else ""),
+             f"{'arm':<44} {'R1':>15} {'mAP':>15} {'mINP':>15}" + (f" {'RGB->RGB R1':>15}" if same else "")]
     paper = PAPER.get(demo.method, {}) if demo.scale == "full" else {}
     for arm in demo_arms(demo):
         stat = document["arms"][arm.name]
         title = titles[arm.init] + ("" if arm.label_fraction >= 1 else f", {arm.labels}")
-        lines.append(f"{title:<44} " + " ".join(_pct(stat[k]) for k in SUMMARY_METRICS)
+        lines.append(f"{title:<44} " + " ".join(_pct(stat[k]) for k in metrics)
                      + (f"   paper: R1 {paper[arm.init][0]:.2f}, mAP {paper[arm.init][1]:.2f}"
                         if arm.init in paper and arm.label_fraction >= 1 else ""))
     for line in document["verdicts"]:
