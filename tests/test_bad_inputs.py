@@ -525,10 +525,12 @@ def start_and_signal(argv: list[str], ready: Callable[[subprocess.Popen], bool],
 
 def test_sigterm_during_pretraining_with_dataloader_workers(data, tmp_path, sig=signal.SIGTERM,
                                                            status=SIGTERM_EXIT, words="terminated"):
-    """A real signal in a real run (SIGINT takes the same path: the in-process tests above)."""
+    """A real signal in a real run (SIGINT takes the same path: the in-process tests above). The
+    run is far longer than the test: the preset's 2 epochs (12 steps) once ended within the second
+    between the run's start and the signal, which then found a process on its way out."""
     run = tmp_path / "run"
     argv = ["-m", "train.pretrain", *pass_run(data["pass-shards"], tmp_path)[:-2], "--max_steps", "100000",
-            "--source", "wds", "--num_workers", "2"]
+            "--epochs", "10000", "--source", "wds", "--num_workers", "2"]
     process, output = start_and_signal(argv, lambda p: (run / "config.json").is_file(), sig)
     check(process.returncode, output, Case("signal", None, lambda d, t: [], status, (words,)))
 

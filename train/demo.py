@@ -50,9 +50,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -291,8 +291,9 @@ def make_demo(args: argparse.Namespace) -> Demo:
     threads = args.threads or max(1, cores // jobs)
     pretrain_threads = args.threads or cores
     # Beside the pre-training, the runs that need no pre-trained backbone use the cores it
-    # leaves: on 2 cores, pre-training on 2 threads was only 1.27x faster than on 1. Not on a GPU,
-    # where the runs would share the one device's memory and time.
+    # leaves: on 2 cores the small MMGL pre-training took 39.5 s on 2 threads alone and 48.2 s on
+    # 1 beside a fine-tuning run, and the whole demo 3m 30s -> 3m 09s (README "Threads"). Not on
+    # a GPU, where the runs would share the one device's memory and time.
     shared = 0
     if jobs > 1 and not torch.cuda.is_available():
         shared = args.threads or max(1, cores - threads)
