@@ -141,13 +141,25 @@ def wait_child(child: subprocess.Popen, grace: float = CHILD_GRACE_SECONDS,
                 while_waiting()
         return child.wait()
     except BaseException as err:
+        stop_children([child], err, grace)
+        raise
+
+
+def stop_children(children: list[subprocess.Popen], err: Optional[BaseException],
+                  grace: float = CHILD_GRACE_SECONDS) -> None:
+    """Pass a stop on to running ``children``: the signal of ``err`` when it is a
+    KeyboardInterrupt (SIGINT, or SIGTERM for :class:`Terminated`), else SIGTERM; each gets
+    ``grace`` seconds to end, then is killed (so is every one left after a second Ctrl-C)."""
+    stop = signal_of(err) if isinstance(err, KeyboardInterrupt) else signal.SIGTERM
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(stop)
+    for child in children:
         try:
-            child.send_signal(signal_of(err) if isinstance(err, KeyboardInterrupt) else signal.SIGTERM)
             child.wait(timeout=grace)
         except (subprocess.TimeoutExpired, KeyboardInterrupt):
             child.kill()
             child.wait()
-        raise
 
 
-__all__ = ["Stop", "Terminated", "ignore_signals", "signal_of", "stop_on_signals", "wait_child"]
+__all__ = ["Stop", "Terminated", "ignore_signals", "signal_of", "stop_children", "stop_on_signals", "wait_child"]

@@ -15,7 +15,8 @@ Stages (each prints one line with its time when it ends)::
     finetune   python -m train.finetune for every arm x seed (:func:`demo_arms`: pre-trained and
                random init, ImageNet init with --imagenet; all labels and --label_fraction of
                the training identities), --jobs at a time, each evaluated under the layout's
-               protocol (SYSU-MM01 all-search, 10 trials / Market-1501) plus RGB->RGB on SYSU
+               protocol (SYSU-MM01 all-search, 10 trials / Market-1501) plus RGB->RGB on SYSU;
+               on a CPU the runs that need no pre-trained backbone start during pretrain
 
 then one line per arm (mean and spread over seeds, chance R1, test identities), a verdict per
 label setting ("within noise" unless the difference is at least the seed spread),
@@ -46,7 +47,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -60,7 +60,7 @@ import torch
 from common.cli import ArgumentParser, run_cli
 from common.cores import available_cores, idle_cores
 from common.errors import UserError
-from common.interrupts import CHILD_GRACE_SECONDS, signal_of, wait_child
+from common.interrupts import stop_children, wait_child
 from common.outputs import output_folder
 from shards.build import build
 from shards.inspection import contact_sheet, random_samples, summary_table
@@ -193,7 +193,8 @@ def build_parser() -> ArgumentParser:
                         help="threads per training process (default: the cores available to this process and "
                              "not busy by the load average, at least 1, divided among --jobs)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="fine-tuning runs side by side (default: one per idle core, at most 2)")
+                        help="fine-tuning runs side by side (default: one per idle core, at most 2); on a CPU the "
+                             "random-init runs start beside the pre-training, which then leaves them a slot")
     parser.add_argument("--fresh", action="store_true", help="recompute every stage instead of reusing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (stage lines only)")
     return parser
@@ -593,14 +594,8 @@ class JobPool:
         save nothing half-written and stop with one line, as common.interrupts.wait_child), else
         SIGTERM; killed after the grace period."""
         self.pending.clear()
+        stop_children([job.process for job in self.running], err)
         for job in self.running:
-            job.process.send_signal(signal_of(err) if isinstance(err, KeyboardInterrupt) else signal.SIGTERM)
-        for job in self.running:
-            try:
-                job.process.wait(timeout=CHILD_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                job.process.kill()
-                job.process.wait()
             job.log.close()
         self.running.clear()
 
