@@ -301,15 +301,18 @@ def test_gather_rows_concatenates_parts_of_different_lengths(mine_rows, peer_row
     assert gathered.tolist() == mine.tolist() + peer.tolist()
 
 
-# One fine-tuning run, launched on two processes by the test below.
+# One fine-tuning run, launched on two processes by the test below. Each process writes its
+# summary to its own file: printed, the two processes' lines could interleave on the shared pipe
+# (seen once in CI: one SUMMARY line of the two was lost).
 TWO_PROCESS_DRIVER = """
-import json, sys
+import json, os, sys
+from pathlib import Path
 from train.finetune import resolve_config, run_finetune
-shards, out = sys.argv[1:]
+shards, out, summaries = sys.argv[1:]
 config = resolve_config("agw-tiny", ["--progress_bar", "false", "--tensorboard", "false", "--output_dir", out],
                         shards=shards)
 result = run_finetune(config)
-print("SUMMARY", json.dumps(result.summary()), flush=True)
+Path(summaries, f"summary-{os.environ['RANK']}.json").write_text(json.dumps(result.summary()))
 """
 
 
@@ -327,10 +330,10 @@ def test_two_processes_share_the_evaluation_and_match_one(sysu_shards, tmp_path)
     launch = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, *launch, str(driver), str(sysu_shards), str(tmp_path / "run")], cwd=repo,
-                          env=env, capture_output=True, text=True, timeout=400)
+    done = subprocess.run([sys.executable, *launch, str(driver), str(sysu_shards), str(tmp_path / "run"), str(tmp_path)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    summaries = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("SUMMARY")]
+    summaries = [json.loads((tmp_path / f"summary-{rank}.json").read_text()) for rank in (0, 1)]
     assert len(summaries) == 2 and {} in summaries  # process 0 alone ranks
     shared = next(summary for summary in summaries if summary)
     loaded = load_for_evaluation(tmp_path / "run", device="cpu")  # the same model, one process
